@@ -1,0 +1,188 @@
+"""The main job: ingest → prepare → train → export the prototype atlas → evaluate.
+
+Every stage writes its artefact under ``OUT`` atomically and is skipped when the artefact is
+already complete, so an interrupted run resumes (training from its last epoch checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from scproto_scale.atlas.atlas import Embedding, PrototypeAtlas
+from scproto_scale.config import RunConfig
+from scproto_scale.data.ingest import ingest
+from scproto_scale.data.store import CellStore, detect_format, open_store
+from scproto_scale.errors import ScprotoInputError
+from scproto_scale.evaluate.metacells import metacell_quality
+from scproto_scale.evaluate.report import plot_umap, write_json, write_markdown
+from scproto_scale.prepare.artefacts import Prepared
+from scproto_scale.prepare.run import prepare
+from scproto_scale.provenance import versions
+from scproto_scale.train.loop import train
+
+log = logging.getLogger(__name__)
+
+
+def resolve_input(path: str) -> Path:
+    """Expand ``$VARS`` and ``~`` in ``data.path``; an unset variable is an error naming it."""
+    expanded = os.path.expanduser(os.path.expandvars(path))
+    if "$" in expanded:
+        raise ScprotoInputError(f"data.path {path!r}: environment variable not set ({expanded})")
+    return Path(expanded)
+
+
+def open_input(cfg: RunConfig, out: Path) -> CellStore:
+    """The input as a store: h5ad files are ingested once into ``OUT/store.{zarr,soma}``."""
+    src = resolve_input(cfg.data.path)
+    fmt = detect_format(src)
+    if fmt == "h5ad":
+        target = out / f"store.{cfg.data.store_format}"
+        if not target.exists():
+            ingest(src, target, fmt=cfg.data.store_format)
+        src = target
+    store = open_store(src)
+    cols = store.obs_columns()
+    for what, key in (("data.batch_key", cfg.data.batch_key), ("data.label_key", cfg.data.label_key)):
+        if key is not None and key not in cols:
+            raise ScprotoInputError(f"{what}={key!r} is not an obs column of {src}; "
+                                    f"available: {cols}")
+    return store
+
+
+def export_atlas(store: CellStore, prepared: Prepared, model, cfg: RunConfig, out: Path
+                 ) -> tuple[PrototypeAtlas, object]:
+    """Embed every cell, build the metacells and write ``OUT/atlas`` and ``OUT/embeddings.h5ad``."""
+    cells = np.asarray(prepared.cells)
+    meta = {"median_library_size": prepared.meta["median_library_size"], "latent_norm": 1.0,
+            "seed": cfg.seed, "batch_key": cfg.data.batch_key, "run_config": cfg.model_dump()}
+    atlas = PrototypeAtlas(model, prepared.genes, prepared.studies, meta)
+    emb = atlas.embed_store(store, cfg.data.batch_key, chunk_size=cfg.prepare.chunk_size)
+    atlas.meta["latent_norm"] = float(np.mean(emb.mu_norm[cells]))
+    study = np.asarray(prepared.studies)[np.asarray(prepared.study_codes)[cells]]
+    labels = (store.obs_column(cfg.data.label_key).astype(str).to_numpy()[cells]
+              if cfg.data.label_key else None)
+    kept = Embedding(emb.X_scproto[cells], emb.mu_norm[cells], emb.prototype[cells],
+                     emb.confidence[cells])
+    metacells = atlas.build_metacells(kept, study, labels)
+    atlas.save(out / "atlas", metacells)
+
+    obs = pd.DataFrame({cfg.data.batch_key: study}, index=[str(c) for c in cells])
+    if labels is not None:
+        obs[cfg.data.label_key] = labels
+    obs["scproto_prototype"] = pd.Categorical(kept.prototype,
+                                              categories=range(len(atlas.prototypes)))
+    obs["scproto_confidence"] = kept.confidence
+    cells_ad = ad.AnnData(obs=obs, obsm={"X_scproto": kept.X_scproto,
+                                         "X_pca_unintegrated": np.asarray(prepared.pca)})
+    cells_ad.obs["store_row"] = cells
+    tmp = out / f".embeddings.h5ad.tmp-{os.getpid()}"
+    cells_ad.write_h5ad(tmp)
+    os.replace(tmp, out / "embeddings.h5ad")
+    return atlas, (kept, metacells, cells_ad)
+
+
+def evaluate(store: CellStore, prepared: Prepared, atlas: PrototypeAtlas, cells_ad: ad.AnnData,
+             metacells: ad.AnnData, cfg: RunConfig, out: Path) -> dict:
+    """scIB + scGraph for scProto and the unintegrated PCA; metacell quality; UMAP figure."""
+    from scproto_scale.evaluate.scgraph import scgraph
+    from scproto_scale.evaluate.scib import scib_scores
+
+    bkey, lkey = cfg.data.batch_key, cfg.data.label_key
+    labels = cells_ad.obs[lkey].to_numpy() if lkey else None
+    report: dict = {"metacells": metacell_quality(metacells, labels)}
+    n = cells_ad.n_obs
+    rng = np.random.default_rng(cfg.seed)
+    sel = np.sort(rng.choice(n, cfg.evaluate.max_cells, replace=False)) if n > cfg.evaluate.max_cells \
+        else np.arange(n)
+    sub = cells_ad[sel].copy()
+    sub.obs[bkey] = sub.obs[bkey].astype("category")
+    keys = {"scproto": "X_scproto", "pca": "X_pca_unintegrated"}
+    methods: dict[str, dict] = {m: {} for m in keys}
+    if lkey and cfg.evaluate.scib:
+        sub.obs[lkey] = sub.obs[lkey].astype("category")
+        scores = scib_scores(sub, bkey, lkey, list(keys.values()), "X_pca_unintegrated")
+        for m, k in keys.items():
+            methods[m].update(scores[k])
+    if lkey and cfg.evaluate.scgraph:
+        counts = ad.AnnData(X=store.read_rows(np.asarray(sub.obs["store_row"])), obs=sub.obs,
+                            obsm=dict(sub.obsm))
+        g = scgraph(counts, list(keys.values()), bkey, lkey)
+        for m, k in keys.items():
+            methods[m].update({f"scgraph_{name}": v for name, v in g[k].items()})
+    elif not lkey:
+        warnings.warn("data.label_key not set: scIB, scGraph and purity need labels; skipped",
+                      stacklevel=2)
+    report["methods"] = methods
+    if cfg.evaluate.umap:
+        import umap
+
+        reducer = umap.UMAP(n_neighbors=15, random_state=cfg.seed, n_jobs=1)
+        xy = reducer.fit_transform(sub.obsm["X_scproto"])
+        used = metacells.obs["n_cells"].to_numpy() > 0
+        pxy = reducer.transform(atlas.prototypes[used])
+        plot_umap(xy, pxy, sub.obs[lkey].to_numpy() if lkey else None,
+                  sub.obs[bkey].to_numpy(), out / "umap.png", cfg.seed)
+    return report
+
+
+def run(cfg: RunConfig, out: str | Path, resume: bool = True, console: Console | None = None
+        ) -> dict:
+    """Run the whole job into ``out`` and return the report (also ``report.json`` / ``.md``).
+
+    Args:
+        cfg: validated :class:`RunConfig`.
+        out: output directory (created).
+        resume: reuse finished stages and continue training from the last checkpoint.
+
+    Raises:
+        ScprotoInputError: any bad input (missing file, unknown obs column, bad counts…).
+    """
+    console = console or Console(stderr=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
+    t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def stage(name: str, t: float) -> None:
+        stages[name] = round(time.perf_counter() - t, 2)
+        console.log(f"[bold green]{name}[/] done in {stages[name]:.1f}s")
+
+    t = time.perf_counter()
+    store = open_input(cfg, out)
+    stage("ingest", t)
+    t = time.perf_counter()
+    prepared = prepare(store, out / "prepared", cfg.data.batch_key, cfg.prepare,
+                       require_integer=cfg.model.likelihood != "mse", seed=cfg.seed,
+                       overwrite=not resume)
+    stage("prepare", t)
+    t = time.perf_counter()
+    result = train(store, prepared, cfg.model, cfg.train, out / "checkpoints", seed=cfg.seed,
+                   resume=resume, console=console)
+    stage("train", t)
+    t = time.perf_counter()
+    atlas, (_kept, metacells, cells_ad) = export_atlas(store, prepared, result.model, cfg, out)
+    stage("export", t)
+    report: dict = {"dataset": str(cfg.data.path), "n_cells": int(len(prepared.cells)),
+                    "n_studies": len(prepared.studies), "n_genes": len(prepared.genes),
+                    "dropped_zero_count_cells": prepared.meta["dropped_zero_count_cells"],
+                    "seed": cfg.seed, "train_history": result.history}
+    if cfg.evaluate.enabled:
+        t = time.perf_counter()
+        report.update(evaluate(store, prepared, atlas, cells_ad, metacells, cfg, out))
+        stage("evaluate", t)
+    report.update({"stages_s": stages, "runtime_s": round(time.perf_counter() - t0, 2),
+                   "config": cfg.model_dump(), "versions": versions()})
+    write_json(report, out / "report.json")
+    write_markdown(report, out / "report.md")
+    return report

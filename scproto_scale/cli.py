@@ -1,0 +1,180 @@
+"""``scproto-scale``: a thin command line over the pipelines."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from scproto_scale.errors import ScprotoInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Atlas-scale scProto: prototype learning for single-cell transcriptomics.")
+console = Console(stderr=True)
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option("--out", help="target .h5ad")],
+    n_cells: int = 10_000, n_genes: int = 2_000, n_studies: int = 4, n_cell_types: int = 8,
+    seed: int = 0,
+) -> None:
+    """Write the synthetic multi-study atlas (negative-binomial counts, study effects, a rare type)."""
+    from scproto_scale.simulate import write_simulated_atlas
+
+    try:
+        path = write_simulated_atlas(out, n_cells=n_cells, n_genes=n_genes, n_studies=n_studies,
+                                     n_cell_types=n_cell_types, seed=seed)
+    except (ValueError, ScprotoInputError) as e:
+        _fail(e)
+    console.print(f"wrote {path}")
+
+
+@app.command("ingest")
+def ingest_cmd(
+    input: Annotated[Path, typer.Argument(help="input .h5ad (X = counts)")],
+    to: Annotated[Path, typer.Option("--to", help="target store (.zarr or .soma)")],
+    format: Annotated[str | None, typer.Option(help="zarr | soma (default: from suffix)")] = None,
+    chunk_size: int = 10_000, overwrite: bool = False,
+) -> None:
+    """Convert an h5ad file to an AnnData zarr (v3) store or a TileDB-SOMA experiment, in chunks."""
+    from scproto_scale.data.ingest import ingest
+
+    try:
+        path = ingest(input, to, fmt=format, chunk_size=chunk_size, overwrite=overwrite)
+    except ScprotoInputError as e:
+        _fail(e)
+    console.print(f"wrote {path}")
+
+
+@app.command("prepare")
+def prepare_cmd(
+    store: Annotated[Path, typer.Argument(help="zarr or SOMA store")],
+    batch_key: Annotated[str, typer.Option(help="obs column of the study / batch")],
+    out: Annotated[Path | None, typer.Option(help="default: STORE.prepared beside the store")] = None,
+    n_top_genes: int = 2000, n_pcs: int = 50, n_neighbors: int = 50, seed: int = 0,
+    overwrite: bool = False,
+) -> None:
+    """HVG (batch-aware seurat_v3), PCA and the FAISS KNN table, saved beside the store."""
+    from scproto_scale.config import PrepareConfig
+    from scproto_scale.data.store import open_store
+    from scproto_scale.prepare.run import prepare
+
+    try:
+        s = open_store(store)
+        cfg = PrepareConfig(n_top_genes=n_top_genes, n_pcs=n_pcs, n_neighbors=n_neighbors)
+        p = prepare(s, out or store.with_name(store.name + ".prepared"), batch_key, cfg,
+                    seed=seed, overwrite=overwrite)
+    except ScprotoInputError as e:
+        _fail(e)
+    console.print(f"prepared {p.meta['n_cells']} cells, {len(p.genes)} genes → {p.path}")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/)")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.epochs=5")] = None,
+    fresh: Annotated[bool, typer.Option(help="recompute every stage instead of resuming")] = False,
+) -> None:
+    """The whole job: ingest → prepare → train → export atlas → evaluate (report in OUT)."""
+    from pipelines.atlas_job import run as run_job
+    from scproto_scale.config import load_config
+
+    try:
+        cfg = load_config(config, set_)
+        report = run_job(cfg, out, resume=not fresh, console=console)
+    except ScprotoInputError as e:
+        _fail(e)
+    _summary(report)
+    console.print(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    out: Annotated[Path, typer.Option("--out")],
+    set_: Annotated[list[str] | None, typer.Option("--set")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last epoch checkpoint")] = False,
+) -> None:
+    """Ingest, prepare and train, then export the prototype atlas to OUT/atlas (no evaluation)."""
+    from pipelines.atlas_job import run as run_job
+    from scproto_scale.config import load_config
+
+    try:
+        cfg = load_config(config, (set_ or []) + ["evaluate.enabled=false"])
+        run_job(cfg, out, resume=resume, console=console)
+    except ScprotoInputError as e:
+        _fail(e)
+    console.print(f"atlas: {out / 'atlas'}")
+
+
+@app.command()
+def embed(
+    atlas: Annotated[Path, typer.Argument(help="prototype atlas directory")],
+    input: Annotated[Path, typer.Argument(help="h5ad file, zarr or SOMA store (X = counts)")],
+    batch_key: Annotated[str, typer.Option(help="obs column of the study")],
+    out: Annotated[Path, typer.Option("--out", help="output .h5ad with obs/obsm results")],
+) -> None:
+    """Embed cells with a trained atlas: obsm X_scproto, obs scproto_prototype / scproto_confidence."""
+    import anndata as ad
+    import pandas as pd
+
+    from scproto_scale.atlas.atlas import PrototypeAtlas
+    from scproto_scale.data.store import detect_format, open_store
+
+    try:
+        a = PrototypeAtlas.load(atlas)
+        if detect_format(input) == "h5ad":
+            adata = a.embed_adata(ad.read_h5ad(input), batch_key)
+        else:
+            store = open_store(input)
+            e = a.embed_store(store, batch_key)
+            adata = ad.AnnData(obs=pd.DataFrame({batch_key: store.obs_column(batch_key).to_numpy()},
+                                                index=[str(i) for i in range(store.n_obs)]))
+            adata.obsm["X_scproto"] = e.X_scproto
+            adata.obs["scproto_prototype"] = e.prototype
+            adata.obs["scproto_confidence"] = e.confidence
+        tmp = out.with_name(f".{out.name}.tmp")
+        adata.write_h5ad(tmp)
+        tmp.replace(out)
+    except ScprotoInputError as e:
+        _fail(e)
+    console.print(f"wrote {out}")
+
+
+def _summary(report: dict) -> None:
+    from rich.table import Table
+
+    methods = report.get("methods", {})
+    if methods:
+        table = Table(title="atlas quality")
+        table.add_column("metric")
+        for m in methods:
+            table.add_column(m, justify="right")
+        for metric in ("scib_total", "scib_batch", "scib_bio", "scgraph_corr_weighted"):
+            table.add_row(metric, *(f"{methods[m].get(metric, float('nan')):.3f}" for m in methods))
+        console.print(table)
+    mc = report.get("metacells", {})
+    console.print({k: v for k, v in mc.items() if not isinstance(v, dict | list)})
+    console.print(f"runtime {report.get('runtime_s', 0):.0f}s")
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="scproto-scale")
+    sys.exit(0)

@@ -1,0 +1,163 @@
+"""Validated configuration: one pydantic model per stage, composed into :class:`RunConfig`.
+
+Every YAML key is checked: an unknown or ill-typed key is an error that names it
+(``extra="forbid"``). Defaults follow ``docs/method.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from scproto_scale.errors import ScprotoInputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the cells are and which obs columns matter."""
+
+    path: str = Field(description="h5ad file, AnnData zarr store or TileDB-SOMA experiment")
+    batch_key: str = Field(description="obs column of the study / batch whose effect is removed")
+    label_key: str | None = Field(None, description="obs column of cell types (evaluation only)")
+    store_format: Literal["zarr", "soma"] = Field(
+        "zarr", description="format an h5ad input is ingested into"
+    )
+
+
+class PrepareConfig(_Strict):
+    """Gene selection, PCA and the KNN graph (method.md §1)."""
+
+    n_top_genes: int = Field(2000, gt=0)
+    hvg_span: float = Field(0.3, gt=0, le=1)
+    n_pcs: int = Field(50, gt=0)
+    n_neighbors: int = Field(50, gt=0)
+    exact_knn_max_cells: int = Field(
+        200_000, gt=0, description="exact FAISS search up to this many cells, IVF above"
+    )
+    ivf_nprobe: int = Field(32, gt=0)
+    chunk_size: int = Field(10_000, gt=0, description="rows per streamed chunk")
+
+
+class ModelConfig(_Strict):
+    """The scPoli-style CVAE and the prototype head (method.md §2–5)."""
+
+    likelihood: Literal["nb", "zinb", "mse"] = "nb"
+    latent_dim: int = Field(10, gt=0)
+    hidden_dims: list[int] | None = Field(None, description="default: [ceil(sqrt(n_genes))]")
+    embedding_dim: int = Field(10, gt=0, description="condition embedding size e")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    n_prototypes: int = Field(300, gt=1)
+    temperature: float = Field(0.05, gt=0, description="SwAV softmax temperature τ")
+    sinkhorn_epsilon: float = Field(0.02, gt=0)
+    sinkhorn_iterations: int = Field(3, gt=0)
+    hard_codes: bool = Field(True, description="one-hot codes (reference) or soft (SwAV)")
+    lambda_prop: float = Field(1.0, ge=0)
+    lambda_prop_dual: float = Field(0.0, ge=0, description="max_k min_i (1-cos) term")
+    lambda_cvae: float = Field(0.01, ge=0)
+    kl_weight: float = Field(0.5, ge=0, description="β of the CVAE KL term")
+    kl_anneal_epochs: int = Field(0, ge=0, description="anneal β from 0 over these epochs")
+
+
+class TrainConfig(_Strict):
+    """Sampling, optimisation and checkpoints (method.md §5–6)."""
+
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(1024, gt=0, description="anchor cells per step (per worker)")
+    n_views: int = Field(8, ge=2, description="anchor + neighbour views per anchor")
+    neighbor_weighting: Literal["uniform", "distance"] = "uniform"
+    min_cells_per_study: int = Field(128, gt=0)
+    study_alpha: float = Field(1.0, ge=0, description="studies drawn ∝ size^alpha")
+    small_studies: Literal["merge", "drop"] = Field(
+        "merge", description="studies below min_cells_per_study: pool them or leave them out"
+    )
+    optimizer: Literal["adamw", "lars"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine decay floor")
+    freeze_prototypes_steps: int = Field(0, ge=0)
+    num_threads: int | None = Field(None, gt=0, description="torch threads (default: all cores)")
+    progress: bool = True
+
+    @field_validator("n_views")
+    @classmethod
+    def _views(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("n_views must be ≥ 2 (two assignment views)")
+        return v
+
+
+class EvaluateConfig(_Strict):
+    """Evaluation of the atlas (method.md §9)."""
+
+    enabled: bool = True
+    max_cells: int = Field(50_000, gt=0, description="subsample for scIB / scGraph")
+    scib: bool = True
+    scgraph: bool = True
+    umap: bool = True
+
+
+class RunConfig(_Strict):
+    """The whole job: ingest → prepare → train → export → evaluate."""
+
+    seed: int = 0
+    data: DataConfig
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ScprotoInputError(f"--set {dotted}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> RunConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides and validate.
+
+    Args:
+        path: YAML file (may be None when ``base`` is given).
+        overrides: ``["train.epochs=5", "data.path=x.h5ad"]``; values are parsed as YAML.
+        base: a dict used instead of / under the file.
+
+    Raises:
+        ScprotoInputError: missing file, bad YAML, a malformed override, or a validation error
+            (the message names every offending key, e.g. ``train.epoch: Extra inputs…``).
+    """
+    tree: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ScprotoInputError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ScprotoInputError(f"{p}: top level must be a mapping")
+        tree.update(loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ScprotoInputError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        lines = [
+            f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+            for err in e.errors()
+        ]
+        raise ScprotoInputError(
+            f"invalid config{f' {path}' if path else ''}:\n" + "\n".join(lines)
+        ) from None

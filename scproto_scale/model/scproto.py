@@ -1,0 +1,95 @@
+"""scProto: the CVAE backbone jointly trained with a per-study SwAV prototype head.
+
+``L = L_batchSwAV + λ_prop · L_prop + λ_cvae · L_CVAE`` (method.md §5). Pure torch: no I/O and
+no distributed calls except through :mod:`scproto_scale.model.dist` (inside Sinkhorn).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scproto_scale.config import ModelConfig
+from scproto_scale.data.batch import ViewBatch
+from scproto_scale.model.cvae import CVAE, kl_normal
+from scproto_scale.model.swav import (
+    PrototypeBank,
+    per_study_swav_loss,
+    propagation_dual_loss,
+    propagation_loss,
+)
+
+TARGET_SUM = 1e4
+
+
+def log_normalize_torch(counts: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
+    """``log1p(x / l · 1e4)`` for ``counts (n, G)`` and ``library (n,)`` (all-gene totals)."""
+    return torch.log1p(counts * (TARGET_SUM / library.clamp(min=1.0))[:, None])
+
+
+class ScProto(nn.Module):
+    """CVAE + prototype bank.
+
+    Args:
+        n_genes: G (model genes).
+        n_conditions: S (studies).
+        config: :class:`~scproto_scale.config.ModelConfig`.
+        seed: seeds the prototype initialisation.
+    """
+
+    def __init__(self, n_genes: int, n_conditions: int, config: ModelConfig, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.cvae = CVAE(
+            n_genes, n_conditions, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims,
+            embedding_dim=config.embedding_dim, dropout=config.dropout,
+            likelihood=config.likelihood,
+        )
+        gen = torch.Generator().manual_seed(seed)
+        self.prototypes = PrototypeBank(config.n_prototypes, config.latent_dim, generator=gen)
+
+    def encode(self, counts: torch.Tensor, library: torch.Tensor, condition: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts → posterior ``mu (n, d)``, ``var (n, d)``."""
+        x_in = log_normalize_torch(counts, library)
+        return self.cvae.encode(x_in, self.cvae.embed_condition(condition))
+
+    @torch.no_grad()
+    def embed(self, counts: torch.Tensor, library: torch.Tensor, condition: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deterministic cell embedding ``normalize(mu)`` (n, d) and the raw ``‖mu‖`` (n,)."""
+        mu, _ = self.encode(counts, library, condition)
+        return F.normalize(mu, dim=1), mu.norm(dim=1)
+
+    def forward(self, batch: ViewBatch, kl_weight: float | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms of one step: ``loss`` (total), ``swav``, ``prop``, ``cvae``, ``recon``, ``kl``."""
+        cfg = self.config
+        V, B, G = batch.counts.shape
+        counts = batch.counts.reshape(V * B, G)
+        library = batch.library.reshape(V * B)
+        condition = batch.condition.reshape(V * B)
+        x_in = log_normalize_torch(counts, library)
+        cond_emb = self.cvae.embed_condition(condition)
+        mu, var = self.cvae.encode(x_in, cond_emb)
+        z = mu + var.sqrt() * torch.randn_like(mu)
+        dec = self.cvae.decode(z, cond_emb, condition)
+        recon = self.cvae.reconstruction_nll(dec, counts, x_in, library).mean()
+        kl = kl_normal(mu, var).mean()
+        beta = cfg.kl_weight if kl_weight is None else kl_weight
+        cvae = recon + beta * kl
+
+        scores = self.prototypes.scores(F.normalize(z, dim=1))  # (V·B, K)
+        swav = per_study_swav_loss(
+            scores.reshape(V, B, -1), batch.group, batch.group_ids,
+            temperature=cfg.temperature, epsilon=cfg.sinkhorn_epsilon,
+            n_iters=cfg.sinkhorn_iterations, hard=cfg.hard_codes,
+        )
+        prop = propagation_loss(scores)
+        total = swav + cfg.lambda_prop * prop + cfg.lambda_cvae * cvae
+        out = {"loss": total, "swav": swav, "prop": prop, "cvae": cvae, "recon": recon, "kl": kl}
+        if cfg.lambda_prop_dual > 0:
+            dual = propagation_dual_loss(scores)
+            out["prop_dual"] = dual
+            out["loss"] = total + cfg.lambda_prop_dual * dual
+        return out

@@ -1,0 +1,83 @@
+"""The prepared artefacts saved beside a store, and their loader.
+
+Layout of a prepare directory::
+
+    prepare.json        config, versions, store path, genes, studies, dropped cells
+    gene_stats.csv      per-gene statistics and the HVG flags (seurat_v3)
+    library_size.npy    (n_obs,) float32 total counts per store row (all genes)
+    study_codes.npy     (n_obs,) int32 code of each row's study (index into `studies`)
+    cells.npy           (n,) int64 store rows kept for training (non-zero counts)
+    pca.npy             (n, n_pcs) float32 PCA of the kept cells
+    knn_indices.npy     (n, k) int32 store rows of each kept cell's neighbours
+    knn_distances.npy   (n, k) float32 Euclidean distances in PCA space
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scproto_scale.errors import ScprotoInputError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Prepared:
+    """In-memory handle on a prepare directory (arrays memory-mapped)."""
+
+    path: Path
+    meta: dict
+    gene_stats: pd.DataFrame
+    library_size: np.ndarray
+    study_codes: np.ndarray
+    cells: np.ndarray
+    pca: np.ndarray
+    knn_indices: np.ndarray
+    knn_distances: np.ndarray
+
+    @property
+    def genes(self) -> list[str]:
+        """The selected gene ids (model gene list), in store column order."""
+        return list(self.meta["genes"])
+
+    @property
+    def gene_columns(self) -> np.ndarray:
+        """``(G,)`` int64 store columns of the selected genes."""
+        return np.asarray(self.meta["gene_columns"], dtype=np.int64)
+
+    @property
+    def studies(self) -> list[str]:
+        return list(self.meta["studies"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> Prepared:
+        """Open a prepare directory.
+
+        Raises:
+            ScprotoInputError: missing directory or files, or another format version.
+        """
+        p = Path(path)
+        meta_file = p / "prepare.json"
+        if not meta_file.exists():
+            raise ScprotoInputError(
+                f"no prepared artefacts at {p} (missing prepare.json); run `scproto-scale prepare`"
+            )
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ScprotoInputError(
+                f"{p}: prepare format {meta.get('format_version')} != {FORMAT_VERSION}; re-run prepare"
+            )
+
+        def arr(name: str) -> np.ndarray:
+            return np.load(p / f"{name}.npy", mmap_mode="r")
+
+        return cls(
+            path=p, meta=meta, gene_stats=pd.read_csv(p / "gene_stats.csv", index_col=0),
+            library_size=arr("library_size"), study_codes=arr("study_codes"), cells=arr("cells"),
+            pca=arr("pca"), knn_indices=arr("knn_indices"), knn_distances=arr("knn_distances"),
+        )

@@ -1,0 +1,187 @@
+"""`prepare`: streaming gene statistics → HVG → PCA → KNN, saved beside the store.
+
+Passes over the store (each streams row chunks, memory bounded by one chunk):
+1. library sizes, count validation, study codes;
+2–3. seurat_v3 HVG statistics (batch-aware; two passes);
+4. PCA Gram matrix; 5. PCA projection; then FAISS KNN on the scores.
+Cells with zero counts are dropped from training and reported. Everything is written to a
+temporary directory and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scproto_scale.config import PrepareConfig
+from scproto_scale.data.store import CellStore
+from scproto_scale.data.validate import check_count_chunk
+from scproto_scale.errors import ScprotoInputError
+from scproto_scale.prepare.artefacts import FORMAT_VERSION, Prepared
+from scproto_scale.prepare.hvg import highly_variable_genes_seurat_v3
+from scproto_scale.prepare.knn import knn
+from scproto_scale.prepare.normalize import log_normalize
+from scproto_scale.prepare.pca import fit_pca
+from scproto_scale.provenance import versions
+
+log = logging.getLogger(__name__)
+
+
+def study_codes_of(store: CellStore, batch_key: str) -> tuple[np.ndarray, list[str]]:
+    """``(n_obs,)`` int32 study codes and the study names, from obs[batch_key].
+
+    Raises:
+        ScprotoInputError: unknown column or missing values in it.
+    """
+    col = store.obs_column(batch_key)
+    if col.isna().any():
+        rows = np.flatnonzero(col.isna().to_numpy())[:5].tolist()
+        raise ScprotoInputError(
+            f"{store.path}: obs[{batch_key!r}] has {int(col.isna().sum())} missing values "
+            f"(rows {rows}…)"
+        )
+    cat = pd.Categorical(col.astype(str))
+    return cat.codes.astype(np.int32), [str(c) for c in cat.categories]
+
+
+def _scan_library_sizes(
+    store: CellStore, chunk_size: int, require_integer: bool
+) -> np.ndarray:
+    lib = np.zeros(store.n_obs, dtype=np.float32)
+    for start, stop, X in store.iter_chunks(chunk_size):
+        check_count_chunk(X, source=str(store.path), row_offset=start,
+                          require_integer=require_integer)
+        lib[start:stop] = np.asarray(X.sum(axis=1)).ravel()
+    return lib
+
+
+def _kept_chunks(store: CellStore, cells: np.ndarray, chunk_size: int) -> Iterator[
+        tuple[np.ndarray, sp.csr_matrix]]:
+    """Yield ``(rows, X[rows])`` over the kept cells, reading contiguous store ranges."""
+    for start, stop, X in store.iter_chunks(chunk_size):
+        lo, hi = np.searchsorted(cells, [start, stop])
+        rows = cells[lo:hi]
+        if len(rows):
+            yield rows, X[rows - start]
+
+
+def prepare(
+    store: CellStore, out: str | Path, batch_key: str, config: PrepareConfig | None = None,
+    require_integer: bool = True, seed: int = 0, overwrite: bool = False,
+) -> Prepared:
+    """Compute and save library sizes, HVGs, PCA and the KNN table of a store.
+
+    Args:
+        store: the cells.
+        out: directory for the artefacts (e.g. ``STORE.prepared``).
+        batch_key: obs column of the study / batch (HVG selection is batch-aware).
+        config: :class:`PrepareConfig`.
+        require_integer: counts must be integers (nb / zinb likelihoods).
+        seed: seed of the approximate KNN index.
+        overwrite: recompute an existing directory.
+
+    Returns:
+        The loaded :class:`Prepared` artefacts.
+
+    Raises:
+        ScprotoInputError: unknown batch key, invalid counts, or too few cells.
+    """
+    cfg = config or PrepareConfig()
+    out = Path(out)
+    if (out / "prepare.json").exists() and not overwrite:
+        log.info("prepare: reusing %s", out)
+        return Prepared.load(out)
+    t0 = time.perf_counter()
+    codes, studies = study_codes_of(store, batch_key)
+
+    lib = _scan_library_sizes(store, cfg.chunk_size, require_integer)
+    zero = np.flatnonzero(lib <= 0)
+    if len(zero):
+        warnings.warn(
+            f"{store.path}: dropping {len(zero)} cells with zero counts (rows {zero[:5].tolist()}…)",
+            stacklevel=2,
+        )
+    cells = np.flatnonzero(lib > 0).astype(np.int64)
+    if len(cells) <= cfg.n_neighbors:
+        raise ScprotoInputError(
+            f"{store.path}: {len(cells)} cells with counts; need more than n_neighbors="
+            f"{cfg.n_neighbors}"
+        )
+
+    kept_codes = codes[cells]
+    present = np.unique(kept_codes)
+    remap = np.full(len(studies), -1)
+    remap[present] = np.arange(len(present))
+
+    def hvg_chunks():
+        for rows, X in _kept_chunks(store, cells, cfg.chunk_size):
+            yield X, remap[codes[rows]]
+
+    if cfg.n_top_genes >= store.n_vars:
+        warnings.warn(
+            f"n_top_genes={cfg.n_top_genes} ≥ the store's {store.n_vars} genes: using all genes",
+            stacklevel=2,
+        )
+    n_top = min(cfg.n_top_genes, store.n_vars)
+    stats = highly_variable_genes_seurat_v3(
+        hvg_chunks, n_vars=store.n_vars, n_batches=len(present), n_top_genes=n_top,
+        span=cfg.hvg_span,
+    )
+    stats.index = store.var_names
+    gene_columns = np.flatnonzero(stats["highly_variable"].to_numpy())
+
+    def pca_chunks():
+        for rows, X in _kept_chunks(store, cells, cfg.chunk_size):
+            yield log_normalize(X[:, gene_columns], lib[rows])
+
+    model = fit_pca(pca_chunks, n_genes=len(gene_columns), n_pcs=cfg.n_pcs)
+    scores = np.concatenate([model.transform(X) for X in pca_chunks()])
+    nn_idx, nn_dist = knn(scores, k=cfg.n_neighbors, exact_max_cells=cfg.exact_knn_max_cells,
+                          nprobe=cfg.ivf_nprobe, seed=seed)
+    nn_rows = cells[nn_idx].astype(np.int32)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name, a in [("library_size", lib), ("study_codes", codes), ("cells", cells),
+                        ("pca", scores), ("knn_indices", nn_rows),
+                        ("knn_distances", nn_dist)]:
+            np.save(tmp / f"{name}.npy", a)
+        stats.to_csv(tmp / "gene_stats.csv")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "store": str(store.path),
+            "batch_key": batch_key,
+            "n_obs": int(store.n_obs),
+            "n_cells": int(len(cells)),
+            "dropped_zero_count_cells": int(len(zero)),
+            "studies": studies,
+            "genes": [str(g) for g in store.var_names[gene_columns]],
+            "gene_columns": gene_columns.tolist(),
+            "pca_explained_variance": model.explained_variance.tolist(),
+            "median_library_size": float(np.median(lib[cells])),
+            "config": cfg.model_dump(),
+            "seed": seed,
+            "versions": versions(),
+            "runtime_s": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / "prepare.json").write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("prepare: %d cells, %d genes, %.1fs", len(cells), len(gene_columns),
+             time.perf_counter() - t0)
+    return Prepared.load(out)

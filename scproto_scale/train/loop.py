@@ -1,0 +1,176 @@
+"""The per-worker training loop: sampler → loader → scProto → optimiser, checkpoint each epoch.
+
+Single process here; the loop only talks to the model, the loader and the checkpoint
+directory, so DDP / Ray launchers wrap it without changing it (the sampler already takes
+rank and world size).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from scproto_scale.config import ModelConfig, TrainConfig
+from scproto_scale.data.loader import ViewLoader
+from scproto_scale.data.sampler import StudyStratifiedSampler, merge_small_studies
+from scproto_scale.data.store import CellStore
+from scproto_scale.errors import ScprotoInputError
+from scproto_scale.model.scproto import ScProto
+from scproto_scale.prepare.artefacts import Prepared
+from scproto_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from scproto_scale.train.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+LOSS_TERMS = ("loss", "swav", "prop", "cvae")
+
+
+@dataclass
+class TrainResult:
+    """The trained model, per-epoch mean losses and where checkpoints are."""
+
+    model: ScProto
+    history: list[dict] = field(default_factory=list)
+    checkpoint_dir: Path | None = None
+    group_names: list[str] = field(default_factory=list)
+    runtime_s: float = 0.0
+
+
+def build_loader(
+    store: CellStore, prepared: Prepared, cfg: TrainConfig, seed: int, rank: int = 0,
+    world_size: int = 1,
+) -> tuple[ViewLoader, list[str]]:
+    """Sampler (study-stratified; small studies merged or dropped) and loader over the store."""
+    cells = np.asarray(prepared.cells)
+    study = np.asarray(prepared.study_codes)[cells]
+    groups, names = merge_small_studies(study, prepared.studies, cfg.min_cells_per_study,
+                                        cfg.small_studies)
+    if cfg.n_views - 1 > prepared.knn_indices.shape[1]:
+        raise ScprotoInputError(
+            f"train.n_views={cfg.n_views} needs ≥ {cfg.n_views - 1} neighbours; the KNN table "
+            f"has {prepared.knn_indices.shape[1]} (prepare.n_neighbors)")
+    sampler = StudyStratifiedSampler(groups, cfg.batch_size, cfg.min_cells_per_study,
+                                     cfg.study_alpha, seed, rank, world_size)
+    loader = ViewLoader(
+        store, cells, prepared.knn_indices, prepared.knn_distances, prepared.library_size,
+        prepared.study_codes, prepared.gene_columns, sampler, cfg.n_views,
+        cfg.neighbor_weighting, seed,
+    )
+    return loader, names
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch, 0x70C4]).integers(2**62))
+
+
+def _model_signature(model_cfg: ModelConfig, prepared: Prepared) -> dict:
+    return {"model": model_cfg.model_dump(), "genes": prepared.genes, "studies": prepared.studies}
+
+
+def train(
+    store: CellStore, prepared: Prepared, model_cfg: ModelConfig, train_cfg: TrainConfig,
+    checkpoint_dir: str | Path, seed: int = 0, resume: bool = False,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train scProto on the prepared store.
+
+    Args:
+        store: the counts.
+        prepared: HVGs, KNN table, library sizes, study codes (:func:`prepare`).
+        model_cfg, train_cfg: configuration.
+        checkpoint_dir: one checkpoint per epoch goes here.
+        seed: seeds prototypes, sampler, views, dropout and reparameterisation noise.
+        resume: continue from the latest checkpoint in ``checkpoint_dir``.
+        console: rich console for the progress bar.
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        ScprotoInputError: resuming from a checkpoint of a different model, genes or studies.
+        FloatingPointError: a non-finite loss (names epoch and step).
+    """
+    t0 = time.perf_counter()
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    checkpoint_dir = Path(checkpoint_dir)
+    loader, group_names = build_loader(store, prepared, train_cfg, seed)
+    torch.manual_seed(seed)
+    model = ScProto(len(prepared.genes), len(prepared.studies), model_cfg, seed=seed)
+    optimizer = build_optimizer(model, train_cfg)
+    signature = _model_signature(model_cfg, prepared)
+    history: list[dict] = []
+    start_epoch = 0
+    if resume and (ckpt_path := latest_checkpoint(checkpoint_dir)) is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["signature"] != signature:
+            raise ScprotoInputError(
+                f"cannot resume from {ckpt_path}: it was trained with another model config, "
+                "gene list or study list")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        history = ckpt["history"]
+        start_epoch = ckpt["epoch"] + 1
+        log.info("resuming from %s (epoch %d done)", ckpt_path, ckpt["epoch"])
+
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * train_cfg.epochs
+    warmup_steps = steps_per_epoch * train_cfg.warmup_epochs
+    console = console or Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+        MofNCompleteColumn(), TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
+        console=console, disable=not train_cfg.progress, transient=False,
+    )
+    with progress:
+        task = progress.add_task("train", total=total_steps, completed=start_epoch * steps_per_epoch,
+                                 epoch=start_epoch, epochs=train_cfg.epochs, losses="")
+        for epoch in range(start_epoch, train_cfg.epochs):
+            torch.manual_seed(_epoch_seed(seed, epoch))
+            model.train()
+            sums = dict.fromkeys(LOSS_TERMS, 0.0)
+            beta = model_cfg.kl_weight
+            if model_cfg.kl_anneal_epochs:
+                beta *= min(1.0, epoch / model_cfg.kl_anneal_epochs)
+            for step, batch in enumerate(loader.epoch(epoch)):
+                global_step = epoch * steps_per_epoch + step
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_at(global_step, total_steps, warmup_steps, train_cfg.lr,
+                                    train_cfg.final_lr_fraction)
+                model.prototypes.normalize_()
+                out = model(batch, kl_weight=beta)
+                if not torch.isfinite(out["loss"]):
+                    raise FloatingPointError(
+                        f"non-finite loss at epoch {epoch} step {step}: "
+                        + ", ".join(f"{k}={v.item():.4g}" for k, v in out.items()))
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if global_step < train_cfg.freeze_prototypes_steps:
+                    model.prototypes.weight.grad = None
+                optimizer.step()
+                for k in LOSS_TERMS:
+                    sums[k] += out[k].item()
+                progress.update(task, advance=1, epoch=epoch + 1, losses=" ".join(
+                    f"{k}={out[k].item():.3f}" for k in LOSS_TERMS))
+            model.prototypes.normalize_()
+            record = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
+                      "lr": optimizer.param_groups[0]["lr"]}
+            history.append(record)
+            save_checkpoint(checkpoint_dir, epoch, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "history": history, "signature": signature, "seed": seed,
+                "train_config": train_cfg.model_dump(), "torch_rng": torch.get_rng_state(),
+            })
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
+    if history and not all(math.isfinite(h["loss"]) for h in history):
+        raise FloatingPointError("non-finite epoch loss")
+    model.eval()
+    return TrainResult(model, history, checkpoint_dir, group_names,
+                       runtime_s=time.perf_counter() - t0)
