@@ -6,6 +6,7 @@ Every YAML key is checked: an unknown or ill-typed key is an error that names it
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +84,12 @@ class TrainConfig(_Strict):
     final_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine decay floor")
     freeze_prototypes_steps: int = Field(0, ge=0)
     num_threads: int | None = Field(None, gt=0, description="torch threads (default: all cores)")
+    deterministic: bool = Field(
+        True, description="deterministic torch kernels: bit-identical reruns and resumes on CPU"
+    )
+    prefetch: int | None = Field(
+        None, ge=0, description="batches built ahead in threads (default: 0 on ≤ 2 cores, else 2)"
+    )
     progress: bool = True
 
     @field_validator("n_views")
@@ -137,7 +144,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         ScprotoInputError: missing file, bad YAML, a malformed override, or a validation error
             (the message names every offending key, e.g. ``train.epoch: Extra inputs…``).
     """
-    tree: dict = dict(base or {})
+    tree: dict = copy.deepcopy(base or {})  # overrides must not write into the caller's dict
     if path is not None:
         p = Path(path)
         if not p.exists():

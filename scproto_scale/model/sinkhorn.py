@@ -7,14 +7,29 @@ the all-reduces are no-ops, so the same code path serves both.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from scproto_scale.model.dist import all_reduce_max, all_reduce_sum
 
 
+def _row_logsumexp(logq: torch.Tensor) -> torch.Tensor:
+    """``(K, 1)`` log of each prototype's total mass over the cells of all ranks."""
+    local_max = logq.max(dim=1, keepdim=True).values if logq.shape[1] else torch.full_like(
+        logq[:, :1], -torch.inf)
+    m = all_reduce_max(local_max.clone())
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    total = all_reduce_sum(torch.exp(logq - m).sum(dim=1, keepdim=True))
+    return m + torch.log(total)
+
+
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.02, n_iters: int = 3) -> torch.Tensor:
     """Soft codes of ``B`` cells over ``K`` prototypes.
+
+    Computed in the log domain, so a small ``epsilon`` cannot underflow ``exp(u/ε)``; the
+    iterates are those of the usual Sinkhorn-Knopp (SwAV's ``distributed_sinkhorn``).
 
     Args:
         scores: ``(b, K)`` cosine similarities of this rank's cells (``b`` may be 0).
@@ -25,20 +40,14 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.02, n_iters: int = 3) -> t
         ``(b, K)`` float32 codes; each row sums to 1. Before the final ×B rescaling, the code
         matrix has prototype marginals ≈ 1/K and cell marginals exactly 1/B (B = global cells).
     """
-    scores = scores.float()
-    K = scores.shape[1]
-    # Shift by the global max for overflow safety; the normalisations cancel it.
-    top = scores.max() if scores.numel() else scores.new_tensor(-torch.inf)
-    shift = all_reduce_max(top.reshape(1).clone())
-    Q = torch.exp((scores - shift) / epsilon).t()  # (K, b)
-    B = all_reduce_sum(torch.tensor([float(Q.shape[1])], device=Q.device))
-    Q /= all_reduce_sum(Q.sum().reshape(1))
+    logq = scores.float().t() / epsilon  # (K, b)
+    K = logq.shape[0]
+    B = all_reduce_sum(torch.tensor([float(logq.shape[1])], device=logq.device))
+    log_k, log_b = math.log(K), torch.log(B)
     for _ in range(n_iters):
-        Q /= all_reduce_sum(Q.sum(dim=1, keepdim=True))
-        Q /= K
-        Q /= Q.sum(dim=0, keepdim=True)
-        Q /= B
-    return (Q * B).t()
+        logq = logq - _row_logsumexp(logq) - log_k
+        logq = logq - torch.logsumexp(logq, dim=0, keepdim=True) - log_b
+    return torch.exp(logq + log_b).t()
 
 
 def hard_codes(codes: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,13 @@ class Prepared:
                 f"{p}: prepare format {meta.get('format_version')} != {FORMAT_VERSION}; re-run prepare"
             )
 
+        names = ["library_size", "study_codes", "cells", "pca", "knn_indices", "knn_distances"]
+        missing = [f for f in ["gene_stats.csv", *(f"{n}.npy" for n in names)]
+                   if not (p / f).exists()]
+        if missing:
+            raise ScprotoInputError(f"incomplete prepared artefacts at {p}: missing {missing}; "
+                                    "re-run prepare with overwrite")
+
         def arr(name: str) -> np.ndarray:
             return np.load(p / f"{name}.npy", mmap_mode="r")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +59,13 @@ def build_loader(
             f"has {prepared.knn_indices.shape[1]} (prepare.n_neighbors)")
     sampler = StudyStratifiedSampler(groups, cfg.batch_size, cfg.min_cells_per_study,
                                      cfg.study_alpha, seed, rank, world_size)
+    prefetch = cfg.prefetch
+    if prefetch is None:  # on two cores a loader thread slows the torch step more than it saves
+        prefetch = 0 if (os.cpu_count() or 1) <= 2 else 2
     loader = ViewLoader(
         store, cells, prepared.knn_indices, prepared.knn_distances, prepared.library_size,
         prepared.study_codes, prepared.gene_columns, sampler, cfg.n_views,
-        cfg.neighbor_weighting, seed,
+        cfg.neighbor_weighting, seed, prefetch=prefetch,
     )
     return loader, names
 
@@ -100,6 +104,9 @@ def train(
     t0 = time.perf_counter()
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
+    # Multi-threaded index/scatter backward kernels sum in a varying order (~1e-8 drift per
+    # run); deterministic kernels make reruns and resumed runs bit-identical.
+    torch.use_deterministic_algorithms(train_cfg.deterministic)
     checkpoint_dir = Path(checkpoint_dir)
     loader, group_names = build_loader(store, prepared, train_cfg, seed)
     torch.manual_seed(seed)

@@ -1,0 +1,128 @@
+"""Sinkhorn marginals, per-study grouping, the propagation loss and count likelihoods."""
+
+import numpy as np
+import pytest
+import scipy.stats as st
+import torch
+import torch.nn.functional as F
+
+from scproto_scale.model.likelihoods import nb_log_prob, zinb_log_prob
+from scproto_scale.model.sinkhorn import hard_codes, sinkhorn
+from scproto_scale.model.swav import (
+    per_study_swav_loss,
+    propagation_dual_loss,
+    propagation_loss,
+    swapped_prediction_loss,
+)
+
+
+def _scores(b, K, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(b, d, generator=g), dim=1)
+    c = F.normalize(torch.randn(K, d, generator=g), dim=1)
+    return z @ c.T
+
+
+@pytest.mark.parametrize(("b", "K"), [(128, 30), (64, 300), (500, 100)])
+def test_sinkhorn_marginals(b, K):
+    scores = _scores(b, K)
+    codes = sinkhorn(scores, epsilon=0.05, n_iters=200)
+    Q = codes / b  # the transport plan before the final ×B rescaling
+    np.testing.assert_allclose(Q.sum(dim=1).numpy(), 1 / b, atol=1e-6)  # each cell: 1/B
+    np.testing.assert_allclose(Q.sum(dim=0).numpy(), 1 / K, atol=1e-3)  # each prototype: 1/K
+    assert torch.allclose(codes.sum(1), torch.ones(b), atol=1e-5)
+
+
+def test_sinkhorn_default_iterations_spread_cells_over_prototypes():
+    # With the defaults (ε=0.02, 3 iterations) on scores where every cell prefers the same
+    # prototype, equipartition must still spread the hard codes over many prototypes.
+    b, K = 256, 32
+    scores = _scores(b, K) * 0.1
+    scores[:, 0] += 0.5
+    assert scores.argmax(1).unique().numel() == 1
+    codes = hard_codes(sinkhorn(scores))
+    used = codes.sum(0)
+    assert (used > 0).sum() >= K * 0.9
+    assert used.max() <= 3 * b / K
+
+
+def test_sinkhorn_is_invariant_to_a_score_shift_and_handles_sharp_scores():
+    s = _scores(64, 16)
+    a = sinkhorn(s, 0.02, 3)
+    b = sinkhorn(s + 0.7, 0.02, 3)
+    assert torch.allclose(a, b, atol=1e-5)
+    sharp = sinkhorn(s, 1e-3, 3)  # exp(1/1e-3) would overflow without the max shift
+    assert torch.isfinite(sharp).all()
+
+
+def test_per_study_loss_equals_mean_of_separate_groups():
+    V, B, K = 4, 60, 20
+    scores = torch.stack([_scores(B, K, seed=v) for v in range(V)])
+    groups = torch.tensor([0] * 20 + [1] * 25 + [2] * 15)
+    perm = torch.randperm(B, generator=torch.Generator().manual_seed(1))
+    scores, groups = scores[:, perm], groups[perm]
+    kw = dict(temperature=0.1, epsilon=0.05, n_iters=3, hard=False)
+    expected = torch.stack([swapped_prediction_loss(scores[:, groups == g], **kw)
+                            for g in (0, 1, 2)]).mean()
+    assert torch.allclose(per_study_swav_loss(scores, groups, **kw), expected)
+    # Equal weight per group: not the same as one Sinkhorn over the pooled cells.
+    pooled = swapped_prediction_loss(scores, **kw)
+    assert not torch.allclose(pooled, expected)
+
+
+def test_per_study_sinkhorn_equipartitions_within_each_study():
+    # Two studies whose cells sit in different halves of the sphere: a pooled Sinkhorn gives
+    # each study its own prototypes; per-study Sinkhorn spreads every study over all of them.
+    K, b = 8, 400
+    g = torch.Generator().manual_seed(0)
+    protos = F.normalize(torch.randn(K, 4, generator=g), dim=1)
+    z = F.normalize(torch.randn(2 * b, 4, generator=g), dim=1)
+    study = torch.arange(2 * b) >= b
+    z[study] = F.normalize(z[study] + 3 * protos[:4].mean(0), dim=1)
+    z[~study] = F.normalize(z[~study] + 3 * protos[4:].mean(0), dim=1)
+    s = z @ protos.T
+    for st_mask in (study, ~study):
+        codes = hard_codes(sinkhorn(s[st_mask], 0.05, 50)).sum(0)
+        assert (codes > 0).all(), codes  # every prototype used inside every study
+
+
+def test_swapped_prediction_hand_computed():
+    # V=2 views of 2 cells, K=2: cell A prefers prototype 0 and cell B prototype 1 in both views,
+    # so the hard codes are A→0, B→1 and the loss is the cross-entropy of the other view.
+    scores = torch.tensor([[[0.9, 0.1], [0.1, 0.9]], [[0.8, 0.2], [0.3, 0.7]]])
+    tau = 0.5
+    loss = swapped_prediction_loss(scores, temperature=tau, epsilon=0.05, n_iters=3, hard=True)
+    lp = F.log_softmax(scores / tau, dim=-1)
+    from_view0 = -(lp[1, 0, 0] + lp[1, 1, 1]) / 2  # codes of view 0 predicted by view 1
+    from_view1 = -(lp[0, 0, 0] + lp[0, 1, 1]) / 2
+    assert torch.allclose(loss, (from_view0 + from_view1) / 2)
+
+
+def test_propagation_loss_hand_made():
+    # cosines: cell 0 is close to prototype 1 (0.9), cell 1's best is 0.3, cell 2's best 0.6
+    scores = torch.tensor([[0.1, 0.9], [0.3, -0.2], [0.6, 0.5]], requires_grad=True)
+    loss = propagation_loss(scores)
+    assert loss.item() == pytest.approx(0.7)  # worst-covered cell: 1 - 0.3
+    loss.backward()
+    grad = torch.zeros(3, 2)
+    grad[1, 0] = -1.0  # only the worst cell's nearest prototype similarity is pulled up
+    assert torch.equal(scores.grad, grad)
+    # dual: prototype 0's nearest cell has cos 0.6, prototype 1's has 0.9 → max(0.4, 0.1)
+    assert propagation_dual_loss(scores.detach()).item() == pytest.approx(0.4)
+
+
+def test_nb_and_zinb_log_prob_match_scipy():
+    rng = np.random.default_rng(0)
+    mu = rng.gamma(2.0, 3.0, size=(50, 7)) + 1e-3
+    theta = rng.gamma(2.0, 2.0, size=(50, 7)) + 1e-2
+    x = rng.negative_binomial(theta, theta / (theta + mu)).astype(np.float64)
+    ref = st.nbinom.logpmf(x, theta, theta / (theta + mu))
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    got = nb_log_prob(t(x), t(mu), t(theta)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+    pi_logit = rng.normal(size=(50, 7))
+    pi = 1 / (1 + np.exp(-pi_logit))
+    zref = np.where(x == 0, np.log(pi + (1 - pi) * np.exp(ref)), np.log(1 - pi) + ref)
+    zgot = zinb_log_prob(t(x), t(mu), t(theta), t(pi_logit)).numpy()
+    np.testing.assert_allclose(zgot, zref, rtol=1e-6, atol=1e-6)
