@@ -173,7 +173,7 @@ def run(cfg: RunConfig, out: str | Path, resume: bool = True, console: Console |
     t = time.perf_counter()
     atlas, (_kept, metacells, cells_ad) = export_atlas(store, prepared, result.model, cfg, out)
     stage("export", t)
-    report: dict = {"dataset": str(cfg.data.path), "n_cells": int(len(prepared.cells)),
+    report: dict = {"dataset": str(cfg.data.path), "n_cells": len(prepared.cells),
                     "n_studies": len(prepared.studies), "n_genes": len(prepared.genes),
                     "dropped_zero_count_cells": prepared.meta["dropped_zero_count_cells"],
                     "seed": cfg.seed, "train_history": result.history}

@@ -9,9 +9,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 HEADLINE = ["scib_total", "scib_batch", "scib_bio", "scgraph_rank", "scgraph_corr",
             "scgraph_corr_weighted"]

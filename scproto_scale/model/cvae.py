@@ -6,6 +6,7 @@ added by a bias-free linear map to the first hidden layer of both encoder and de
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ class _ConditionalMLP(nn.Module):
         self.norm = nn.LayerNorm(hidden[0], elementwise_affine=False)
         self.drop = nn.Dropout(dropout)
         rest: list[nn.Module] = []
-        for a, b in zip(hidden[:-1], hidden[1:], strict=True):
+        for a, b in itertools.pairwise(hidden):
             rest += [nn.Linear(a, b), nn.LayerNorm(b, elementwise_affine=False), nn.ReLU(),
                      nn.Dropout(dropout)]
         self.rest = nn.Sequential(*rest)
@@ -50,6 +51,7 @@ class DecoderOutput:
     theta: torch.Tensor | None = None
     pi_logits: torch.Tensor | None = None
     expr: torch.Tensor | None = None
+    lgamma_theta: torch.Tensor | None = None
 
 
 class CVAE(nn.Module):
@@ -112,6 +114,7 @@ class CVAE(nn.Module):
         out = DecoderOutput(rho=F.softmax(self.out(h), dim=-1))
         if condition is not None:
             out.theta = torch.exp(self.log_theta[condition])
+            out.lgamma_theta = torch.lgamma(torch.exp(self.log_theta))[condition]
         if self.likelihood == "zinb":
             out.pi_logits = self.pi(h)
         return out
@@ -124,8 +127,8 @@ class CVAE(nn.Module):
             return ((dec.expr - x_in) ** 2).sum(-1)
         mean = dec.rho * library[:, None]
         if self.likelihood == "nb":
-            return -nb_log_prob(counts, mean, dec.theta).sum(-1)
-        return -zinb_log_prob(counts, mean, dec.theta, dec.pi_logits).sum(-1)
+            return -nb_log_prob(counts, mean, dec.theta, dec.lgamma_theta).sum(-1)
+        return -zinb_log_prob(counts, mean, dec.theta, dec.pi_logits, dec.lgamma_theta).sum(-1)
 
 
 def kl_normal(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

@@ -99,8 +99,15 @@ def prepare(
     cfg = config or PrepareConfig()
     out = Path(out)
     if (out / "prepare.json").exists() and not overwrite:
-        log.info("prepare: reusing %s", out)
-        return Prepared.load(out)
+        existing = Prepared.load(out)
+        wanted = {"batch_key": batch_key, "config": cfg.model_dump(), "seed": seed,
+                  "n_obs": int(store.n_obs)}
+        stale = {k: existing.meta.get(k) for k, v in wanted.items() if existing.meta.get(k) != v}
+        if not stale:
+            log.info("prepare: reusing %s", out)
+            return existing
+        warnings.warn(f"prepared artefacts at {out} were made with other settings "
+                      f"({sorted(stale)}); recomputing", stacklevel=2)
     t0 = time.perf_counter()
     codes, studies = study_codes_of(store, batch_key)
 
@@ -164,8 +171,8 @@ def prepare(
             "store": str(store.path),
             "batch_key": batch_key,
             "n_obs": int(store.n_obs),
-            "n_cells": int(len(cells)),
-            "dropped_zero_count_cells": int(len(zero)),
+            "n_cells": len(cells),
+            "dropped_zero_count_cells": len(zero),
             "studies": studies,
             "genes": [str(g) for g in store.var_names[gene_columns]],
             "gene_columns": gene_columns.tolist(),
