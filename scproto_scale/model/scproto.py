@@ -49,19 +49,6 @@ class ScProto(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         self.prototypes = PrototypeBank(config.n_prototypes, config.latent_dim, generator=gen)
 
-    def encode(self, counts: torch.Tensor, library: torch.Tensor, condition: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Counts → posterior ``mu (n, d)``, ``var (n, d)``."""
-        x_in = log_normalize_torch(counts, library)
-        return self.cvae.encode(x_in, self.cvae.embed_condition(condition))
-
-    @torch.no_grad()
-    def embed(self, counts: torch.Tensor, library: torch.Tensor, condition: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deterministic cell embedding ``normalize(mu)`` (n, d) and the raw ``‖mu‖`` (n,)."""
-        mu, _ = self.encode(counts, library, condition)
-        return F.normalize(mu, dim=1), mu.norm(dim=1)
-
     def forward(self, batch: ViewBatch, kl_weight: float | None = None) -> dict[str, torch.Tensor]:
         """Loss terms of one step: ``loss`` (total), ``swav``, ``prop``, ``cvae``, ``recon``, ``kl``."""
         cfg = self.config

@@ -111,6 +111,8 @@ def train(
     loader, group_names = build_loader(store, prepared, train_cfg, seed)
     torch.manual_seed(seed)
     model = ScProto(len(prepared.genes), len(prepared.studies), model_cfg, seed=seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     optimizer = build_optimizer(model, train_cfg)
     signature = _model_signature(model_cfg, prepared)
     history: list[dict] = []
@@ -121,7 +123,7 @@ def train(
             raise ScprotoInputError(
                 f"cannot resume from {ckpt_path}: it was trained with another model config, "
                 "gene list or study list")
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict({k: v.to(device) for k, v in ckpt["model"].items()})
         optimizer.load_state_dict(ckpt["optimizer"])
         history = ckpt["history"]
         start_epoch = ckpt["epoch"] + 1
@@ -147,6 +149,7 @@ def train(
             if model_cfg.kl_anneal_epochs:
                 beta *= min(1.0, epoch / model_cfg.kl_anneal_epochs)
             for step, batch in enumerate(loader.epoch(epoch)):
+                batch = batch.to(device, non_blocking=True)
                 global_step = epoch * steps_per_epoch + step
                 for g in optimizer.param_groups:
                     g["lr"] = lr_at(global_step, total_steps, warmup_steps, train_cfg.lr,
@@ -175,9 +178,12 @@ def train(
                 "history": history, "signature": signature, "seed": seed,
                 "train_config": train_cfg.model_dump(), "torch_rng": torch.get_rng_state(),
             })
+            if not console.is_terminal and train_cfg.progress:  # batch jobs: one line per epoch
+                console.log(f"epoch {epoch + 1}/{train_cfg.epochs} " + " ".join(
+                    f"{k}={record[k]:.3f}" for k in LOSS_TERMS))
             log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
     if history and not all(math.isfinite(h["loss"]) for h in history):
         raise FloatingPointError("non-finite epoch loss")
-    model.eval()
+    model.cpu().eval()
     return TrainResult(model, history, checkpoint_dir, group_names,
                        runtime_s=time.perf_counter() - t0)

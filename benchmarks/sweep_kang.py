@@ -1,0 +1,89 @@
+"""Short training runs on Kang PBMC for choosing settings (prototype usage, metacell purity).
+
+    SCPROTO_DATA_DIR=... python benchmarks/sweep_kang.py --store runs/kang/store.zarr \\
+        --prepared runs/kang/prepared [--only A,D]
+
+Each variant trains from the same prepared store and reports: prototypes used by the cells'
+nearest-prototype assignment, mean purity of the used prototypes, how many cell types are the
+majority of some prototype, mean assignment cosine, mean ‖mu‖ and the last SwAV losses.
+Writes ``benchmarks/results/sweep_kang.json``. Kang is the only tuning set (issue 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scproto_scale.atlas.atlas import PrototypeAtlas
+from scproto_scale.config import ModelConfig, TrainConfig
+from scproto_scale.data.store import open_store
+from scproto_scale.prepare.artefacts import Prepared
+from scproto_scale.train.loop import train
+
+BASE_TRAIN = {"epochs": 8, "batch_size": 512, "min_cells_per_study": 64, "lr": 0.01}
+VARIANTS = {
+    "A_hard_d10": ({}, {}),
+    "B_soft_codes": ({"hard_codes": False}, {}),
+    "C_kl0.05": ({"kl_weight": 0.05}, {}),
+    "D_d32": ({"latent_dim": 32}, {}),
+    "E_d32_kl0.05_b256": ({"latent_dim": 32, "kl_weight": 0.05},
+                          {"batch_size": 256, "min_cells_per_study": 32}),
+    "F_d32_dual_prop": ({"latent_dim": 32, "lambda_prop_dual": 1.0}, {}),
+    "G_d32_20epochs": ({"latent_dim": 32}, {"epochs": 20}),
+    "H_d32_b256": ({"latent_dim": 32}, {"batch_size": 256, "min_cells_per_study": 32}),
+    "I_d32_kl0.05_K100": ({"latent_dim": 32, "kl_weight": 0.05, "n_prototypes": 100},
+                          {"batch_size": 256, "min_cells_per_study": 32}),
+}
+
+
+def evaluate_variant(store, prep, labels, name, model_kw, train_kw, out_root: Path) -> dict:
+    t = time.perf_counter()
+    res = train(store, prep, ModelConfig(**model_kw),
+                TrainConfig(progress=False, **{**BASE_TRAIN, **train_kw}), out_root / name, seed=0)
+    atlas = PrototypeAtlas(res.model, prep.genes, prep.studies,
+                           {"latent_norm": 1.0, "median_library_size": 1.0})
+    emb = atlas.embed_store(store, "batch")
+    cells = np.asarray(prep.cells)
+    proto = emb.prototype[cells]
+    table = pd.crosstab(proto, labels)
+    return {
+        "model": model_kw, "train": {**BASE_TRAIN, **train_kw},
+        "train_s": round(time.perf_counter() - t, 1),
+        "prototypes_used": len(np.unique(proto)),
+        "purity": round(float((table.max(1) / table.sum(1)).mean()), 3),
+        "types_majority_of_a_prototype": int(table.idxmax(1).nunique()),
+        "mean_confidence": round(float(emb.confidence[cells].mean()), 3),
+        "mean_mu_norm": round(float(emb.mu_norm[cells].mean()), 2),
+        "swav_last_epochs": [round(h["swav"], 3) for h in res.history[-3:]],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--prepared", required=True)
+    ap.add_argument("--only", default=None, help="comma-separated variant prefixes")
+    ap.add_argument("--work", default="/tmp/scproto_sweep")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    store, prep = open_store(args.store), Prepared.load(args.prepared)
+    labels = store.obs_column("cell_type").astype(str).to_numpy()[np.asarray(prep.cells)]
+    chosen = {k: v for k, v in VARIANTS.items()
+              if not args.only or any(k.startswith(p) for p in args.only.split(","))}
+    dest = Path(__file__).parent / "results" / "sweep_kang.json"
+    results = json.loads(dest.read_text()) if dest.exists() else {}
+    for name, (model_kw, train_kw) in chosen.items():
+        results[name] = evaluate_variant(store, prep, labels, name, model_kw, train_kw,
+                                         Path(args.work))
+        print(name, json.dumps(results[name]), flush=True)
+        dest.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
