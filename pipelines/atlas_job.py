@@ -60,8 +60,12 @@ def open_input(cfg: RunConfig, out: Path) -> CellStore:
 
 
 def export_atlas(store: CellStore, prepared: Prepared, model, cfg: RunConfig, out: Path
-                 ) -> tuple[PrototypeAtlas, object]:
-    """Embed every cell, build the metacells and write ``OUT/atlas`` and ``OUT/embeddings.h5ad``."""
+                 ) -> tuple[PrototypeAtlas, ad.AnnData, ad.AnnData]:
+    """Embed every cell, build the metacells and write ``OUT/atlas`` and ``OUT/embeddings.h5ad``.
+
+    Returns:
+        The atlas, the metacells ``(K, G)`` and the training cells' embeddings (obs + obsm).
+    """
     cells = np.asarray(prepared.cells)
     meta = {"median_library_size": prepared.meta["median_library_size"], "latent_norm": 1.0,
             "seed": cfg.seed, "batch_key": cfg.data.batch_key, "run_config": cfg.model_dump()}
@@ -88,7 +92,7 @@ def export_atlas(store: CellStore, prepared: Prepared, model, cfg: RunConfig, ou
     tmp = out / f".embeddings.h5ad.tmp-{os.getpid()}"
     cells_ad.write_h5ad(tmp)
     os.replace(tmp, out / "embeddings.h5ad")
-    return atlas, (kept, metacells, cells_ad)
+    return atlas, metacells, cells_ad
 
 
 def evaluate(store: CellStore, prepared: Prepared, atlas: PrototypeAtlas, cells_ad: ad.AnnData,
@@ -171,9 +175,9 @@ def run(cfg: RunConfig, out: str | Path, resume: bool = True, console: Console |
                    resume=resume, console=console)
     stage("train", t)
     t = time.perf_counter()
-    atlas, (_kept, metacells, cells_ad) = export_atlas(store, prepared, result.model, cfg, out)
+    atlas, metacells, cells_ad = export_atlas(store, prepared, result.model, cfg, out)
     stage("export", t)
-    report: dict = {"dataset": str(cfg.data.path), "n_cells": len(prepared.cells),
+    report: dict = {"dataset": str(resolve_input(cfg.data.path)), "n_cells": len(prepared.cells),
                     "n_studies": len(prepared.studies), "n_genes": len(prepared.genes),
                     "dropped_zero_count_cells": prepared.meta["dropped_zero_count_cells"],
                     "seed": cfg.seed, "train_history": result.history}

@@ -1,0 +1,132 @@
+"""TileDB-SOMA experiments read as a :class:`CellStore` (the CELLxGENE Census layout).
+
+Rows are positions into the experiment's obs ``soma_joinid`` (sorted); columns are positions
+into the measurement's var. Reads pass the sorted ``soma_joinid`` array as point coordinates,
+one request per batch (tiledbsoma takes a point array or a single slice, not a list of slices).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import tiledbsoma
+
+from scproto_scale.data.store import CellStore
+from scproto_scale.errors import ScprotoInputError
+
+
+class SomaCellStore(CellStore):
+    """A :class:`CellStore` over a TileDB-SOMA experiment.
+
+    Args:
+        path: experiment URI (a local directory here).
+        measurement: measurement name (Census: ``"RNA"``).
+        layer: X layer with raw counts (Census: ``"raw"``).
+        var_id_column: var column holding the gene ids (``"var_id"`` as written by
+            ``tiledbsoma.io.from_h5ad``; Census: ``"feature_id"``).
+
+    Raises:
+        ScprotoInputError: unknown measurement, layer or var column; duplicate gene ids.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        measurement: str = "RNA",
+        layer: str = "raw",
+        var_id_column: str | None = None,
+    ):
+        self.path = Path(path)
+        self._exp = tiledbsoma.Experiment.open(str(self.path))
+        if measurement not in self._exp.ms:
+            raise ScprotoInputError(
+                f"SOMA experiment {self.path} has no measurement {measurement!r}; "
+                f"found {list(self._exp.ms.keys())}"
+            )
+        ms = self._exp.ms[measurement]
+        if layer not in ms.X:
+            raise ScprotoInputError(
+                f"SOMA experiment {self.path}: measurement {measurement!r} has no X layer "
+                f"{layer!r}; found {list(ms.X.keys())}"
+            )
+        self._X = ms.X[layer]
+        var = ms.var.read().concat().to_pandas().sort_values("soma_joinid")
+        if var_id_column is None:
+            var_id_column = next((c for c in ("var_id", "feature_id") if c in var.columns), None)
+        if var_id_column not in var.columns:
+            raise ScprotoInputError(
+                f"SOMA experiment {self.path}: var column {var_id_column!r} not found; "
+                f"columns: {list(var.columns)}"
+            )
+        var.index = pd.Index(var[var_id_column].astype(str).to_numpy(), name=None)
+        dup = var.index[var.index.duplicated()]
+        if len(dup):
+            raise ScprotoInputError(
+                f"SOMA experiment {self.path}: duplicate gene ids in var[{var_id_column!r}], "
+                f"e.g. {list(dup[:5])}"
+            )
+        self._var = var
+        # Map var soma_joinid → column position (joinids need not be 0..n-1).
+        var_joinids = var["soma_joinid"].to_numpy()
+        self._var_pos = np.full(int(var_joinids.max()) + 1, -1, dtype=np.int64)
+        self._var_pos[var_joinids] = np.arange(len(var_joinids))
+        self._obs_joinids = np.sort(
+            self._exp.obs.read(column_names=["soma_joinid"]).concat()["soma_joinid"].to_numpy()
+        )
+        self._obs_schema = [f.name for f in self._exp.obs.schema]
+        self._lock = threading.Lock()
+
+    @property
+    def n_obs(self) -> int:
+        return len(self._obs_joinids)
+
+    @property
+    def var_names(self) -> pd.Index:
+        return self._var.index
+
+    @property
+    def var(self) -> pd.DataFrame:
+        """The var table (gene annotations), indexed by gene id."""
+        return self._var
+
+    @property
+    def obs_joinids(self) -> np.ndarray:
+        """``(n_obs,)`` int64 ``soma_joinid`` of each row position."""
+        return self._obs_joinids
+
+    def obs_columns(self) -> list[str]:
+        return [c for c in self._obs_schema if c != "soma_joinid"]
+
+    def _read_obs_column(self, key: str) -> pd.Series:
+        df = self._exp.obs.read(column_names=["soma_joinid", key]).concat().to_pandas()
+        df = df.set_index("soma_joinid").reindex(self._obs_joinids)
+        return df[key].reset_index(drop=True).rename(key)
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return sp.csr_matrix((0, self.n_vars), dtype=np.float32)
+        if rows[0] < 0 or rows[-1] >= self.n_obs:
+            raise IndexError(f"row index out of range [0, {self.n_obs}) in {self.path}")
+        joinids = self._obs_joinids[rows]
+        contiguous = joinids[-1] - joinids[0] + 1 == len(joinids)
+        coords = slice(int(joinids[0]), int(joinids[-1])) if contiguous else joinids
+        with self._lock:  # one reader at a time on the shared handle (loader threads)
+            tbl = self._X.read(coords=(coords, slice(None))).tables().concat()
+        obs_j = tbl["soma_dim_0"].to_numpy()
+        var_j = tbl["soma_dim_1"].to_numpy()
+        vals = tbl["soma_data"].to_numpy().astype(np.float32, copy=False)
+        r = np.searchsorted(joinids, obs_j)
+        c = self._var_pos[var_j]
+        m = sp.coo_matrix((vals, (r, c)), shape=(len(rows), self.n_vars)).tocsr()
+        m.sum_duplicates()
+        m.sort_indices()
+        return m
+
+    def close(self) -> None:
+        """Close the underlying experiment handle."""
+        self._exp.close()

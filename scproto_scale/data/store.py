@@ -1,0 +1,131 @@
+"""The `CellStore` interface: one view of a cell × gene count matrix, whatever the format.
+
+Rows are addressed by position ``0 … n_obs-1`` (for TileDB-SOMA the store maps positions to
+``soma_joinid``). Reads return CSR counts with all genes; gene subsetting is the caller's job.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scproto_scale.errors import ScprotoInputError
+
+
+class CellStore(abc.ABC):
+    """Read-only access to an on-disk count matrix ``X: (n_obs, n_vars)`` with obs and var.
+
+    Implementations: :class:`~scproto_scale.data.zarr_store.ZarrCellStore` (AnnData zarr) and
+    :class:`~scproto_scale.data.soma_store.SomaCellStore` (TileDB-SOMA experiment).
+    """
+
+    path: Path
+
+    @property
+    @abc.abstractmethod
+    def n_obs(self) -> int:
+        """Number of cells (rows)."""
+
+    @property
+    @abc.abstractmethod
+    def var_names(self) -> pd.Index:
+        """Gene ids (unique), in column order of ``X``."""
+
+    @abc.abstractmethod
+    def obs_columns(self) -> list[str]:
+        """Names of the obs (per-cell metadata) columns."""
+
+    @abc.abstractmethod
+    def _read_obs_column(self, key: str) -> pd.Series:
+        """Read one obs column (no validation)."""
+
+    @abc.abstractmethod
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts of the given rows.
+
+        Args:
+            rows: ``(m,)`` int64 row positions, strictly increasing.
+
+        Returns:
+            ``(m, n_vars)`` float32 CSR counts, in the order of ``rows``.
+        """
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.var_names)
+
+    def obs_column(self, key: str) -> pd.Series:
+        """One obs column as a pandas Series of length ``n_obs``.
+
+        Raises:
+            ScprotoInputError: if ``key`` is not an obs column (the message lists those that are).
+        """
+        cols = self.obs_columns()
+        if key not in cols:
+            raise ScprotoInputError(
+                f"obs column {key!r} not found in store {self.path}; available columns: {cols}"
+            )
+        s = self._read_obs_column(key)
+        s.index = pd.RangeIndex(self.n_obs)
+        return s
+
+    def read_slice(self, start: int, stop: int) -> sp.csr_matrix:
+        """Counts of the contiguous rows ``start:stop`` as ``(stop-start, n_vars)`` float32 CSR."""
+        return self.read_rows(np.arange(start, stop, dtype=np.int64))
+
+    def iter_chunks(self, chunk_size: int = 8192) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+        """Iterate the whole matrix in row chunks: yields ``(start, stop, X[start:stop])``."""
+        for start in range(0, self.n_obs, chunk_size):
+            stop = min(start + chunk_size, self.n_obs)
+            yield start, stop, self.read_slice(start, stop)
+
+    def read_rows_unsorted(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts of arbitrary rows (any order, repeats allowed), read once per unique row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        return self.read_rows(uniq)[inverse]
+
+
+def detect_format(path: str | Path) -> str:
+    """Return ``"zarr"``, ``"soma"`` or ``"h5ad"`` for a path, from its layout on disk.
+
+    Raises:
+        ScprotoInputError: if the path does not exist or is none of those formats.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ScprotoInputError(f"input not found: {p}")
+    if p.is_file():
+        if p.suffix == ".h5ad":
+            return "h5ad"
+        raise ScprotoInputError(f"{p} is a file but not .h5ad; expected an h5ad, zarr or SOMA store")
+    if (p / "__tiledb_group.tdb").exists() or (p / "ms").exists():
+        return "soma"
+    if (p / "zarr.json").exists() or (p / ".zgroup").exists():
+        return "zarr"
+    raise ScprotoInputError(f"{p} is a directory but neither an AnnData zarr store nor a SOMA experiment")
+
+
+def open_store(path: str | Path, **kwargs) -> CellStore:
+    """Open a zarr or TileDB-SOMA store as a :class:`CellStore`.
+
+    Raises:
+        ScprotoInputError: missing path, unknown format, or an h5ad (ingest it first).
+    """
+    fmt = detect_format(path)
+    if fmt == "zarr":
+        from scproto_scale.data.zarr_store import ZarrCellStore
+
+        return ZarrCellStore(path, **kwargs)
+    if fmt == "soma":
+        from scproto_scale.data.soma_store import SomaCellStore
+
+        return SomaCellStore(path, **kwargs)
+    raise ScprotoInputError(
+        f"{path} is an h5ad file; convert it with `scproto-scale ingest {path} --to STORE` first"
+    )
