@@ -393,3 +393,16 @@ def test_load_config_does_not_mutate_base():
     base = {"data": {"path": "x.zarr", "batch_key": "study"}}
     load_config(base=base, overrides=["data.batch_key=donor"])
     assert base == {"data": {"path": "x.zarr", "batch_key": "study"}}
+
+
+def test_a_study_with_one_cell_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    X = sp.csr_matrix(rng.poisson(2.0, size=(120, 50)).astype(np.float32))
+    study = ["a"] * 60 + ["b"] * 59 + ["lonely_study"]
+    a = ad.AnnData(X=X, obs={"study": study})
+    a.obs_names = [f"c{i}" for i in range(120)]
+    a.var_names = [f"g{i}" for i in range(50)]
+    a.write_h5ad(tmp_path / "x.h5ad")
+    store = open_store(ingest(tmp_path / "x.h5ad", tmp_path / "x.zarr"))
+    with pytest.raises(ScprotoInputError, match="lonely_study"):
+        prepare(store, tmp_path / "p", "study")

@@ -126,7 +126,13 @@ def prepare(
         )
 
     kept_codes = codes[cells]
-    present = np.unique(kept_codes)
+    present, per_study = np.unique(kept_codes, return_counts=True)
+    if (per_study < 2).any():
+        lonely = [studies[c] for c in present[per_study < 2]]
+        raise ScprotoInputError(
+            f"{store.path}: obs[{batch_key!r}] has studies with a single cell with counts "
+            f"({lonely[:10]}); batch-aware HVG selection needs ≥ 2 per study — merge or drop them"
+        )
     remap = np.full(len(studies), -1)
     remap[present] = np.arange(len(present))
 
