@@ -39,6 +39,8 @@ VARIANTS = {
     "H_d32_b256": ({"latent_dim": 32}, {"batch_size": 256, "min_cells_per_study": 32}),
     "I_d32_kl0.05_K100": ({"latent_dim": 32, "kl_weight": 0.05, "n_prototypes": 100},
                           {"batch_size": 256, "min_cells_per_study": 32}),
+    "J_d32_queue1024": ({"latent_dim": 32, "queue_length": 1024}, {}),
+    "K_d32_queue3072": ({"latent_dim": 32, "queue_length": 3072}, {}),
 }
 
 

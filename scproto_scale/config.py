@@ -61,6 +61,10 @@ class ModelConfig(_Strict):
     lambda_prop: float = Field(1.0, ge=0)
     lambda_prop_dual: float = Field(0.0, ge=0, description="max_k min_i (1-cos) term")
     lambda_cvae: float = Field(0.01, ge=0)
+    queue_length: int = Field(
+        0, ge=0, description="per-study queue of embeddings for Sinkhorn (0: off; K ≫ cells/group)"
+    )
+    queue_start_epoch: int = Field(1, ge=0, description="use the queue from this epoch on")
     kl_weight: float = Field(0.5, ge=0, description="β of the CVAE KL term")
     kl_anneal_epochs: int = Field(0, ge=0, description="anneal β from 0 over these epochs")
 

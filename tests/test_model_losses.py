@@ -126,3 +126,36 @@ def test_nb_and_zinb_log_prob_match_scipy():
     zref = np.where(x == 0, np.log(pi + (1 - pi) * np.exp(ref)), np.log(1 - pi) + ref)
     zgot = zinb_log_prob(t(x), t(mu), t(theta), t(pi_logit)).numpy()
     np.testing.assert_allclose(zgot, zref, rtol=1e-6, atol=1e-6)
+
+
+def test_study_queue_is_a_per_study_fifo():
+    from scproto_scale.model.swav import StudyQueue
+
+    q = StudyQueue(n_groups=2, length=3, dim=2)
+    z = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 1.0], [2.0, 0]])
+    q.push(z[:2], torch.tensor([0, 1]))
+    assert q.filled.tolist() == [1, 1]
+    q.push(z[2:], torch.tensor([0, 0]))
+    assert q.filled.tolist() == [3, 1]
+    assert torch.equal(q.z[0], torch.stack([z[2], z[3], z[0]]))  # newest first
+    q.push(torch.ones(2, 2) * 5, torch.tensor([0, 0]))
+    assert torch.equal(q.z[0, :2], torch.ones(2, 2) * 5) and torch.equal(q.z[0, 2], z[2])
+    state = q.state_dict()
+    r = StudyQueue(2, 3, 2)
+    r.load_state_dict(state)
+    assert torch.equal(r.z, q.z) and torch.equal(r.filled, q.filled)
+    scores = q.scores(torch.eye(2))
+    assert set(scores) == {0, 1} and scores[0].shape == (3, 2) and scores[1].shape == (1, 2)
+
+
+def test_queue_rows_change_the_codes_but_only_batch_rows_are_used():
+    scores = _scores(16, 40)
+    queue = _scores(200, 40, seed=5)
+    kw = dict(temperature=0.1, epsilon=0.05, n_iters=3, hard=False)
+    V = torch.stack([scores, scores.roll(1, 0)])
+    plain = swapped_prediction_loss(V, **kw)
+    queued = swapped_prediction_loss(V, queue_scores=queue, **kw)
+    assert not torch.allclose(plain, queued)
+    # codes of the batch rows = the last rows of Sinkhorn over the stack
+    stacked = sinkhorn(torch.cat([queue, scores]), 0.05, 3)[-16:]
+    assert torch.allclose(stacked.sum(1), torch.ones(16), atol=1e-5)

@@ -31,16 +31,17 @@ def _params(model):
 
 
 def test_resume_reaches_the_same_parameters(prepared, tmp_path):
+    """With the per-study queue (filled in epoch 0, used from epoch 1, saved in checkpoints)."""
     store, prep = prepared
-    full = train(store, prep, MODEL, TRAIN, tmp_path / "full", seed=3)
+    model = MODEL.model_copy(update={"queue_length": 128, "queue_start_epoch": 1})
+    full = train(store, prep, model, TRAIN, tmp_path / "full", seed=3)
     assert sorted(p.name for p in (tmp_path / "full").glob("epoch_*.pt")) == [
         "epoch_0001.pt", "epoch_0002.pt"]  # one per epoch, last two kept
-    part = train(store, prep, MODEL, TRAIN.model_copy(update={"epochs": 3}),
-                 tmp_path / "part", seed=3)
+    part = train(store, prep, model, TRAIN, tmp_path / "part", seed=3)
     # interrupt after epoch 1: drop the last checkpoint and resume
     (tmp_path / "part" / "epoch_0002.pt").unlink()
     assert latest_checkpoint(tmp_path / "part").name == "epoch_0001.pt"
-    resumed = train(store, prep, MODEL, TRAIN, tmp_path / "part", seed=3, resume=True)
+    resumed = train(store, prep, model, TRAIN, tmp_path / "part", seed=3, resume=True)
     a, b = _params(full.model), _params(resumed.model)
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bit-identical on CPU

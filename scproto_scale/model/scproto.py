@@ -15,6 +15,7 @@ from scproto_scale.data.batch import ViewBatch
 from scproto_scale.model.cvae import CVAE, kl_normal
 from scproto_scale.model.swav import (
     PrototypeBank,
+    StudyQueue,
     per_study_swav_loss,
     propagation_dual_loss,
     propagation_loss,
@@ -49,8 +50,15 @@ class ScProto(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         self.prototypes = PrototypeBank(config.n_prototypes, config.latent_dim, generator=gen)
 
-    def forward(self, batch: ViewBatch, kl_weight: float | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms of one step: ``loss`` (total), ``swav``, ``prop``, ``cvae``, ``recon``, ``kl``."""
+    def forward(self, batch: ViewBatch, kl_weight: float | None = None,
+                queue: StudyQueue | None = None, use_queue: bool = True
+                ) -> dict[str, torch.Tensor]:
+        """Loss terms of one step: ``loss`` (total), ``swav``, ``prop``, ``cvae``, ``recon``, ``kl``.
+
+        With a ``queue``, the assignment views of this step are pushed into it, and when
+        ``use_queue`` (after the warm-up) Sinkhorn stacks each study's queued embeddings before
+        the batch.
+        """
         cfg = self.config
         V, B, G = batch.counts.shape
         counts = batch.counts.reshape(V * B, G)
@@ -66,15 +74,22 @@ class ScProto(nn.Module):
         beta = cfg.kl_weight if kl_weight is None else kl_weight
         cvae = recon + beta * kl
 
-        scores = self.prototypes.scores(F.normalize(z, dim=1))  # (V·B, K)
+        z_unit = F.normalize(z, dim=1)
+        scores = self.prototypes.scores(z_unit)  # (V·B, K)
         swav = per_study_swav_loss(
             scores.reshape(V, B, -1), batch.group, batch.group_ids,
+            queue_scores=queue.scores(self.prototypes.weight) if queue and use_queue else None,
             temperature=cfg.temperature, epsilon=cfg.sinkhorn_epsilon,
             n_iters=cfg.sinkhorn_iterations, hard=cfg.hard_codes,
         )
+        if queue is not None:
+            assign = z_unit.reshape(V, B, -1)[:2]  # the two assignment views
+            queue.push(assign.reshape(2 * B, -1), batch.group.repeat(2))
         prop = propagation_loss(scores)
         total = swav + cfg.lambda_prop * prop + cfg.lambda_cvae * cvae
-        out = {"loss": total, "swav": swav, "prop": prop, "cvae": cvae, "recon": recon, "kl": kl}
+        out = {"loss": total, "swav": swav, "prop": prop, "cvae": cvae, "recon": recon, "kl": kl,
+               # anchors' nearest prototypes: the loop tracks prototype usage per epoch
+               "assign": scores[:B].argmax(dim=1).detach()}
         if cfg.lambda_prop_dual > 0:
             dual = propagation_dual_loss(scores)
             out["prop_dual"] = dual

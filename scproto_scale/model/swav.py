@@ -42,6 +42,7 @@ class PrototypeBank(nn.Module):
 def swapped_prediction_loss(
     scores: torch.Tensor, temperature: float = 0.05, epsilon: float = 0.02, n_iters: int = 3,
     hard: bool = True, assign_views: tuple[int, ...] = (0, 1),
+    queue_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SwAV swapped prediction for one group of cells.
 
@@ -51,16 +52,21 @@ def swapped_prediction_loss(
         epsilon, n_iters: Sinkhorn settings.
         hard: one-hot codes instead of soft Sinkhorn codes.
         assign_views: the views whose codes are predicted from every other view.
+        queue_scores: ``(L, K)`` scores of queued embeddings of the same group, stacked before
+            the batch for Sinkhorn (only the batch rows become codes).
 
     Returns:
         Scalar: ``−Σ_k q_a^k log softmax(u_v/τ)^k`` averaged over cells, the (V−1) predicting
         views and the assignment views.
     """
-    V = scores.shape[0]
+    V, b = scores.shape[0], scores.shape[1]
     log_p = F.log_softmax(scores / temperature, dim=-1)  # (V, b, K)
     total = scores.new_zeros(())
     for a in assign_views:
-        q = sinkhorn(scores[a].detach(), epsilon, n_iters)
+        s = scores[a].detach()
+        if queue_scores is not None and len(queue_scores):
+            s = torch.cat([queue_scores, s])
+        q = sinkhorn(s, epsilon, n_iters)[-b:]
         if hard:
             q = hard_codes(q)
         for v in range(V):
@@ -70,7 +76,8 @@ def swapped_prediction_loss(
 
 
 def per_study_swav_loss(
-    scores: torch.Tensor, groups: torch.Tensor, group_ids: list[int] | None = None, **kwargs
+    scores: torch.Tensor, groups: torch.Tensor, group_ids: list[int] | None = None,
+    queue_scores: dict[int, torch.Tensor] | None = None, **kwargs,
 ) -> torch.Tensor:
     """Per-study SwAV: Sinkhorn and swapped prediction inside each study group, averaged.
 
@@ -79,6 +86,8 @@ def per_study_swav_loss(
         groups: ``(B,)`` int64 study-group code of each anchor (all its views share it).
         group_ids: the groups to process, in an order identical on every rank (DDP all-reduces
             inside Sinkhorn per group); default: the sorted unique ``groups``.
+        queue_scores: per group, ``(L, K)`` scores of its queued embeddings (see
+            :class:`StudyQueue`).
         **kwargs: passed to :func:`swapped_prediction_loss`.
 
     Returns:
@@ -86,10 +95,52 @@ def per_study_swav_loss(
     """
     if group_ids is None:
         group_ids = torch.unique(groups).tolist()
+    queue_scores = queue_scores or {}
     losses = [
-        swapped_prediction_loss(scores[:, groups == g], **kwargs) for g in group_ids
+        swapped_prediction_loss(scores[:, groups == g], queue_scores=queue_scores.get(g), **kwargs)
+        for g in group_ids
     ]
     return torch.stack(losses).mean()
+
+
+class StudyQueue:
+    """Per-study FIFO of the last ``length`` detached unit embeddings (queue-augmented Sinkhorn).
+
+    With K prototypes ≫ the cells of a study group in one step, Sinkhorn's equipartition over
+    so few cells is noise; stacking the group's recent embeddings before the batch gives it
+    enough mass (SwAV's queue, per study as in method.md §3). Each rank keeps its own queue,
+    as SwAV does: the all-reduces inside Sinkhorn already pool the ranks' queues per group.
+
+    Args:
+        n_groups: number of study groups.
+        length: embeddings kept per group.
+        dim: latent size d.
+    """
+
+    def __init__(self, n_groups: int, length: int, dim: int):
+        self.length = length
+        self.z = torch.zeros(n_groups, length, dim)
+        self.filled = torch.zeros(n_groups, dtype=torch.long)
+
+    def scores(self, prototypes: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{group: (filled, K)}`` cosine scores of the queued embeddings."""
+        return {g: self.z[g, : int(n)].to(prototypes.device) @ prototypes.detach().t()
+                for g, n in enumerate(self.filled.tolist()) if n > 0}
+
+    @torch.no_grad()
+    def push(self, z_unit: torch.Tensor, groups: torch.Tensor) -> None:
+        """Add ``(n, d)`` embeddings with their ``(n,)`` groups (newest first, oldest dropped)."""
+        z_unit, groups = z_unit.detach().cpu(), groups.cpu()
+        for g in torch.unique(groups).tolist():
+            new = z_unit[groups == g][: self.length]
+            self.z[g] = torch.cat([new, self.z[g]])[: self.length]
+            self.filled[g] = min(self.length, int(self.filled[g]) + len(new))
+
+    def state_dict(self) -> dict:
+        return {"z": self.z.clone(), "filled": self.filled.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.z, self.filled = state["z"].clone(), state["filled"].clone()
 
 
 def propagation_loss(scores: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from scproto_scale.data.sampler import StudyStratifiedSampler, merge_small_studi
 from scproto_scale.data.store import CellStore
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.model.scproto import ScProto
+from scproto_scale.model.swav import StudyQueue
 from scproto_scale.prepare.artefacts import Prepared
 from scproto_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from scproto_scale.train.optim import build_optimizer, lr_at
@@ -114,6 +115,8 @@ def train(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     optimizer = build_optimizer(model, train_cfg)
+    queue = (StudyQueue(len(group_names), model_cfg.queue_length, model_cfg.latent_dim)
+             if model_cfg.queue_length else None)
     signature = _model_signature(model_cfg, prepared)
     history: list[dict] = []
     start_epoch = 0
@@ -126,6 +129,8 @@ def train(
         model.load_state_dict({k: v.to(device) for k, v in ckpt["model"].items()})
         optimizer.load_state_dict(ckpt["optimizer"])
         history = ckpt["history"]
+        if queue is not None:
+            queue.load_state_dict(ckpt["queue"])
         start_epoch = ckpt["epoch"] + 1
         log.info("resuming from %s (epoch %d done)", ckpt_path, ckpt["epoch"])
 
@@ -148,6 +153,7 @@ def train(
             beta = model_cfg.kl_weight
             if model_cfg.kl_anneal_epochs:
                 beta *= min(1.0, epoch / model_cfg.kl_anneal_epochs)
+            usage = torch.zeros(model_cfg.n_prototypes, dtype=torch.long)
             for step, batch in enumerate(loader.epoch(epoch)):
                 batch = batch.to(device, non_blocking=True)
                 global_step = epoch * steps_per_epoch + step
@@ -155,7 +161,8 @@ def train(
                     g["lr"] = lr_at(global_step, total_steps, warmup_steps, train_cfg.lr,
                                     train_cfg.final_lr_fraction)
                 model.prototypes.normalize_()
-                out = model(batch, kl_weight=beta)
+                out = model(batch, kl_weight=beta, queue=queue,
+                            use_queue=epoch >= model_cfg.queue_start_epoch)
                 if not torch.isfinite(out["loss"]):
                     raise FloatingPointError(
                         f"non-finite loss at epoch {epoch} step {step}: "
@@ -165,18 +172,21 @@ def train(
                 if global_step < train_cfg.freeze_prototypes_steps:
                     model.prototypes.weight.grad = None
                 optimizer.step()
+                usage += torch.bincount(out["assign"].cpu(), minlength=len(usage))
                 for k in LOSS_TERMS:
                     sums[k] += out[k].item()
                 progress.update(task, advance=1, epoch=epoch + 1, losses=" ".join(
                     f"{k}={out[k].item():.3f}" for k in LOSS_TERMS))
             model.prototypes.normalize_()
             record = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
-                      "lr": optimizer.param_groups[0]["lr"]}
+                      "lr": optimizer.param_groups[0]["lr"],
+                      "prototypes_used": int((usage > 0).sum())}
             history.append(record)
             save_checkpoint(checkpoint_dir, epoch, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "history": history, "signature": signature, "seed": seed,
                 "train_config": train_cfg.model_dump(), "torch_rng": torch.get_rng_state(),
+                "queue": queue.state_dict() if queue is not None else None,
             })
             if not console.is_terminal and train_cfg.progress:  # batch jobs: one line per epoch
                 console.log(f"epoch {epoch + 1}/{train_cfg.epochs} " + " ".join(
