@@ -8,7 +8,6 @@ rank and world size).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -166,7 +165,7 @@ def train(
                 if not torch.isfinite(out["loss"]):
                     raise FloatingPointError(
                         f"non-finite loss at epoch {epoch} step {step}: "
-                        + ", ".join(f"{k}={v.item():.4g}" for k, v in out.items()))
+                        + ", ".join(f"{k}={out[k].item():.4g}" for k in (*LOSS_TERMS, "recon", "kl")))
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if global_step < train_cfg.freeze_prototypes_steps:
@@ -190,10 +189,9 @@ def train(
             })
             if not console.is_terminal and train_cfg.progress:  # batch jobs: one line per epoch
                 console.log(f"epoch {epoch + 1}/{train_cfg.epochs} " + " ".join(
-                    f"{k}={record[k]:.3f}" for k in LOSS_TERMS))
+                    f"{k}={record[k]:.3f}" for k in LOSS_TERMS)
+                    + f" prototypes_used={record['prototypes_used']}")
             log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
-    if history and not all(math.isfinite(h["loss"]) for h in history):
-        raise FloatingPointError("non-finite epoch loss")
     model.cpu().eval()
     return TrainResult(model, history, checkpoint_dir, group_names,
                        runtime_s=time.perf_counter() - t0)
