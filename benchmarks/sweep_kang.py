@@ -41,6 +41,9 @@ VARIANTS = {
                           {"batch_size": 256, "min_cells_per_study": 32}),
     "J_d32_queue1024": ({"latent_dim": 32, "queue_length": 1024}, {}),
     "K_d32_queue3072": ({"latent_dim": 32, "queue_length": 3072}, {}),
+    "M_d32_K100_b1024": ({"latent_dim": 32, "n_prototypes": 100},
+                         {"batch_size": 1024, "min_cells_per_study": 128}),
+    "N_d32_b2048": ({"latent_dim": 32}, {"batch_size": 2048, "min_cells_per_study": 256}),
 }
 
 

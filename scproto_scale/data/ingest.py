@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 
-from scproto_scale.data.validate import check_count_chunk
+from scproto_scale.data.validate import check_count_chunk, check_unique_genes
 from scproto_scale.errors import ScprotoInputError
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,13 @@ def _open_h5ad(path: Path) -> ad.AnnData:
     if path.suffix != ".h5ad":
         raise ScprotoInputError(f"{path}: expected an .h5ad file")
     adata = ad.read_h5ad(path, backed="r")
-    problem = None
-    if adata.X is None:
-        problem = f"{path}: X is empty; raw counts are required"
-    elif len(dup := adata.var_names[adata.var_names.duplicated()]):
-        problem = f"{path}: duplicate gene ids in var_names, e.g. {list(dup[:5])}"
-    if problem:
+    try:
+        if adata.X is None:
+            raise ScprotoInputError(f"{path}: X is empty; raw counts are required")
+        check_unique_genes(adata.var_names, str(path))
+    except ScprotoInputError:
         adata.file.close()
-        raise ScprotoInputError(problem)
+        raise
     return adata
 
 

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import tiledbsoma
 
 from scproto_scale.data.store import CellStore
+from scproto_scale.data.validate import check_unique_genes
 from scproto_scale.errors import ScprotoInputError
 
 
@@ -63,12 +64,7 @@ class SomaCellStore(CellStore):
                 f"columns: {list(var.columns)}"
             )
         var.index = pd.Index(var[var_id_column].astype(str).to_numpy(), name=None)
-        dup = var.index[var.index.duplicated()]
-        if len(dup):
-            raise ScprotoInputError(
-                f"SOMA experiment {self.path}: duplicate gene ids in var[{var_id_column!r}], "
-                f"e.g. {list(dup[:5])}"
-            )
+        check_unique_genes(var.index, f"SOMA experiment {self.path} (var[{var_id_column!r}])")
         self._var = var
         # Map var soma_joinid → column position (joinids need not be 0..n-1).
         var_joinids = var["soma_joinid"].to_numpy()
@@ -85,12 +81,7 @@ class SomaCellStore(CellStore):
         return len(self._obs_joinids)
 
     @property
-    def var_names(self) -> pd.Index:
-        return self._var.index
-
-    @property
     def var(self) -> pd.DataFrame:
-        """The var table (gene annotations), indexed by gene id."""
         return self._var
 
     @property

@@ -33,8 +33,13 @@ class CellStore(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def var(self) -> pd.DataFrame:
+        """The var table (gene annotations), indexed by the unique gene ids."""
+
+    @property
     def var_names(self) -> pd.Index:
         """Gene ids (unique), in column order of ``X``."""
+        return self.var.index
 
     @abc.abstractmethod
     def obs_columns(self) -> list[str]:

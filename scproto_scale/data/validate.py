@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from scproto_scale.errors import ScprotoInputError
@@ -45,3 +46,10 @@ def check_count_chunk(
             raise ScprotoInputError(
                 f"{source}: X contains {what}, e.g. {data[k]!r} in row {row}{hint}"
             )
+
+
+def check_unique_genes(var_names: pd.Index, source: str) -> None:
+    """Raise :class:`ScprotoInputError` naming duplicated gene ids, if any."""
+    dup = var_names[var_names.duplicated()]
+    if len(dup):
+        raise ScprotoInputError(f"{source}: duplicate gene ids in var, e.g. {list(dup[:5])}")

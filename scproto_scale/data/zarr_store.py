@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import zarr
 
 from scproto_scale.data.store import CellStore
+from scproto_scale.data.validate import check_unique_genes
 from scproto_scale.errors import ScprotoInputError
 
 
@@ -110,11 +111,7 @@ class ZarrCellStore(CellStore):
         self._data = ChunkCache(xg["data"], cache_bytes // 2)
         self._indices = ChunkCache(xg["indices"], cache_bytes // 2)
         self._var = ad.io.read_elem(self._root["var"])
-        dup = self._var.index[self._var.index.duplicated()]
-        if len(dup):
-            raise ScprotoInputError(
-                f"zarr store {self.path}: duplicate gene ids in var, e.g. {list(dup[:5])}"
-            )
+        check_unique_genes(self._var.index, f"zarr store {self.path}")
         self._obs_group = self._root["obs"]
         self._obs_cache: dict[str, pd.Series] = {}
 
@@ -123,12 +120,7 @@ class ZarrCellStore(CellStore):
         return self._shape[0]
 
     @property
-    def var_names(self) -> pd.Index:
-        return self._var.index
-
-    @property
     def var(self) -> pd.DataFrame:
-        """The var table (gene annotations)."""
         return self._var
 
     def obs_columns(self) -> list[str]:
