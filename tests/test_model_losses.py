@@ -144,8 +144,9 @@ def test_study_queue_is_a_per_study_fifo():
     r = StudyQueue(2, 3, 2)
     r.load_state_dict(state)
     assert torch.equal(r.z, q.z) and torch.equal(r.filled, q.filled)
-    scores = q.scores(torch.eye(2))
+    scores = q.scores(torch.eye(2), [0, 1])
     assert set(scores) == {0, 1} and scores[0].shape == (3, 2) and scores[1].shape == (1, 2)
+    assert set(q.scores(torch.eye(2), [1])) == {1}  # only the step's groups are scored
 
 
 def test_queue_rows_change_the_codes_but_only_batch_rows_are_used():

@@ -30,9 +30,7 @@ StoreFormat = Literal["zarr", "soma"]
 def _iter_h5ad_chunks(adata: ad.AnnData, chunk_size: int):
     for start in range(0, adata.n_obs, chunk_size):
         stop = min(start + chunk_size, adata.n_obs)
-        block = adata.X[start:stop]
-        block = sp.csr_matrix(block, dtype=np.float32) if not sp.issparse(block) else block
-        yield start, stop, sp.csr_matrix(block, dtype=np.float32)
+        yield start, stop, sp.csr_matrix(adata.X[start:stop], dtype=np.float32)
 
 
 def _open_h5ad(path: Path) -> ad.AnnData:
@@ -51,7 +49,7 @@ def _open_h5ad(path: Path) -> ad.AnnData:
     return adata
 
 
-def _write_zarr(adata: ad.AnnData, src: Path, tmp: Path, chunk_size: int, check: bool) -> None:
+def _write_zarr(adata: ad.AnnData, src: Path, tmp: Path, chunk_size: int) -> None:
     root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     obs = adata.obs.copy()
     obs.index = obs.index.astype(str)
@@ -61,8 +59,7 @@ def _write_zarr(adata: ad.AnnData, src: Path, tmp: Path, chunk_size: int, check:
         ad.io.write_elem(root, empty, {})
     X = None
     for start, _stop, block in _iter_h5ad_chunks(adata, chunk_size):
-        if check:
-            check_count_chunk(block, source=str(src), row_offset=start, require_integer=False)
+        check_count_chunk(block, source=str(src), row_offset=start, require_integer=False)
         if X is None:
             ad.io.write_elem(root, "X", block, dataset_kwargs={"chunks": (1 << 18,)})
             X = ad.io.sparse_dataset(root["X"])
@@ -118,7 +115,7 @@ def ingest(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if fmt == "zarr":
-            _write_zarr(adata, src, tmp, chunk_size, check=True)
+            _write_zarr(adata, src, tmp, chunk_size)
         else:
             for start, _stop, block in _iter_h5ad_chunks(adata, chunk_size):
                 check_count_chunk(block, source=str(src), row_offset=start, require_integer=False)

@@ -3,8 +3,8 @@
 Every step draws anchors from a set of study groups, at least ``min_cells_per_study`` (global,
 over all ranks) from each group it includes, so every per-study Sinkhorn group is large enough.
 Groups are included with probability ∝ size^α; the step's anchors are split among the included
-groups ∝ size^α, none below the minimum. Each group walks through its own permutation, so every cell is
-visited about once per epoch (exactly, for α = 1 when all groups fit in a step). All ranks
+groups ∝ size^α, none below the minimum. Each group walks through its own permutation, so every
+cell is visited about once per epoch (exactly, for α = 1 when all groups fit in a step). All ranks
 compute the same global draw and keep their own slice of every group: the same number of steps
 and the same study mix per step on every rank, a deterministic function of
 (seed, epoch, rank, world size).

@@ -78,7 +78,8 @@ class ScProto(nn.Module):
         scores = self.prototypes.scores(z_unit)  # (V·B, K)
         swav = per_study_swav_loss(
             scores.reshape(V, B, -1), batch.group, batch.group_ids,
-            queue_scores=queue.scores(self.prototypes.weight) if queue and use_queue else None,
+            queue_scores=(queue.scores(self.prototypes.weight, batch.group_ids)
+                          if queue is not None and use_queue else None),
             temperature=cfg.temperature, epsilon=cfg.sinkhorn_epsilon,
             n_iters=cfg.sinkhorn_iterations, hard=cfg.hard_codes,
         )

@@ -122,10 +122,10 @@ class StudyQueue:
         self.z = torch.zeros(n_groups, length, dim)
         self.filled = torch.zeros(n_groups, dtype=torch.long)
 
-    def scores(self, prototypes: torch.Tensor) -> dict[int, torch.Tensor]:
-        """``{group: (filled, K)}`` cosine scores of the queued embeddings."""
-        return {g: self.z[g, : int(n)].to(prototypes.device) @ prototypes.detach().t()
-                for g, n in enumerate(self.filled.tolist()) if n > 0}
+    def scores(self, prototypes: torch.Tensor, group_ids: list[int]) -> dict[int, torch.Tensor]:
+        """``{group: (filled, K)}`` cosine scores of the queued embeddings of the step's groups."""
+        return {g: self.z[g, :n].to(prototypes.device) @ prototypes.detach().t()
+                for g in group_ids if (n := int(self.filled[g])) > 0}
 
     @torch.no_grad()
     def push(self, z_unit: torch.Tensor, groups: torch.Tensor) -> None:

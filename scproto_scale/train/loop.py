@@ -172,10 +172,11 @@ def train(
                     model.prototypes.weight.grad = None
                 optimizer.step()
                 usage += torch.bincount(out["assign"].cpu(), minlength=len(usage))
-                for k in LOSS_TERMS:
-                    sums[k] += out[k].item()
-                progress.update(task, advance=1, epoch=epoch + 1, losses=" ".join(
-                    f"{k}={out[k].item():.3f}" for k in LOSS_TERMS))
+                values = {k: out[k].item() for k in LOSS_TERMS}  # one device sync per term
+                for k, v in values.items():
+                    sums[k] += v
+                progress.update(task, advance=1, epoch=epoch + 1,
+                                losses=" ".join(f"{k}={v:.3f}" for k, v in values.items()))
             model.prototypes.normalize_()
             record = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
                       "lr": optimizer.param_groups[0]["lr"],
