@@ -6,6 +6,7 @@ already complete, so an interrupted run resumes (training from its last epoch ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import torch.distributed as tdist
 from rich.console import Console
 
 from scproto_scale.atlas.atlas import Embedding, PrototypeAtlas
@@ -25,10 +27,12 @@ from scproto_scale.data.store import CellStore, detect_format, open_store
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.evaluate.metacells import metacell_quality
 from scproto_scale.evaluate.report import plot_umap, write_json, write_markdown
+from scproto_scale.model import dist
 from scproto_scale.prepare.artefacts import Prepared
 from scproto_scale.prepare.run import prepare
 from scproto_scale.provenance import versions
-from scproto_scale.train.loop import train
+from scproto_scale.train.launch import launch, resolve_launcher, torchrun_group
+from scproto_scale.train.worker import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +144,12 @@ def evaluate(store: CellStore, prepared: Prepared, atlas: PrototypeAtlas, cells_
 
 
 def run(cfg: RunConfig, out: str | Path, resume: bool = True, console: Console | None = None
-        ) -> dict:
+        ) -> dict | None:
     """Run the whole job into ``out`` and return the report (also ``report.json`` / ``.md``).
+
+    Training runs in-process, on Ray Train workers, or (started by ``torchrun``) on every rank;
+    under torchrun rank 0 alone ingests, prepares, exports and evaluates, and the other ranks
+    return None after training.
 
     Args:
         cfg: validated :class:`RunConfig`.
@@ -151,10 +159,16 @@ def run(cfg: RunConfig, out: str | Path, resume: bool = True, console: Console |
     Raises:
         ScprotoInputError: any bad input (missing file, unknown obs column, bad counts…).
     """
-    console = console or Console(stderr=True)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
+    launcher = resolve_launcher(cfg.distributed)
+    group = torchrun_group(cfg.distributed) if launcher == "torchrun" else contextlib.nullcontext()
+    with group as stage_group:
+        return _run(cfg, Path(out), resume, console or Console(stderr=True), launcher,
+                    stage_group)
+
+
+def _run(cfg: RunConfig, out: Path, resume: bool, console: Console, launcher: str,
+         stage_group) -> dict | None:
+    main = dist.rank() == 0
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
 
@@ -162,25 +176,36 @@ def run(cfg: RunConfig, out: str | Path, resume: bool = True, console: Console |
         stages[name] = round(time.perf_counter() - t, 2)
         console.log(f"[bold green]{name}[/] done in {stages[name]:.1f}s")
 
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
+        t = time.perf_counter()
+        store = open_input(cfg, out)
+        stage("ingest", t)
+        t = time.perf_counter()
+        prepared = prepare(store, out / "prepared", cfg.data.batch_key, cfg.prepare,
+                           require_integer=cfg.model.likelihood != "mse", seed=cfg.seed,
+                           overwrite=not resume)
+        stage("prepare", t)
+    if stage_group is not None:  # torchrun: the other ranks wait for rank 0's artefacts
+        tdist.barrier(group=stage_group)
+    if not main:
+        store, prepared = open_input(cfg, out), Prepared.load(out / "prepared")
     t = time.perf_counter()
-    store = open_input(cfg, out)
-    stage("ingest", t)
-    t = time.perf_counter()
-    prepared = prepare(store, out / "prepared", cfg.data.batch_key, cfg.prepare,
-                       require_integer=cfg.model.likelihood != "mse", seed=cfg.seed,
-                       overwrite=not resume)
-    stage("prepare", t)
-    t = time.perf_counter()
-    result = train(store, prepared, cfg.model, cfg.train, out / "checkpoints", seed=cfg.seed,
-                   resume=resume, console=console)
+    job = TrainJob(str(store.path), str(prepared.path), cfg.model, cfg.train,
+                   str(out / "checkpoints"), seed=cfg.seed, resume=resume)
+    result = launch(job, cfg.distributed, out / "ray", console=console)
     stage("train", t)
+    if not main:
+        return None
     t = time.perf_counter()
     atlas, metacells, cells_ad = export_atlas(store, prepared, result.model, cfg, out)
     stage("export", t)
     report: dict = {"dataset": str(resolve_input(cfg.data.path)), "n_cells": len(prepared.cells),
                     "n_studies": len(prepared.studies), "n_genes": len(prepared.genes),
                     "dropped_zero_count_cells": prepared.meta["dropped_zero_count_cells"],
-                    "seed": cfg.seed, "train_history": result.history}
+                    "seed": cfg.seed, "train_history": result.history,
+                    "training": {"launcher": launcher, "world_size": result.world_size}}
     if cfg.evaluate.enabled:
         t = time.perf_counter()
         report.update(evaluate(store, prepared, atlas, cells_ad, metacells, cfg, out))

@@ -91,18 +91,20 @@ def run(
     out: Annotated[Path, typer.Option("--out", help="output directory")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.epochs=5")] = None,
     fresh: Annotated[bool, typer.Option(help="recompute every stage instead of resuming")] = False,
+    workers: Annotated[int | None, typer.Option(help="DDP workers (Ray Train when > 1)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help='existing Ray cluster, e.g. "auto"')] = None,
 ) -> None:
     """The whole job: ingest → prepare → train → export atlas → evaluate (report in OUT)."""
     from pipelines.atlas_job import run as run_job
-    from scproto_scale.config import load_config
 
     try:
-        cfg = load_config(config, set_)
+        cfg = _config(config, set_, workers, ray_address)
         report = run_job(cfg, out, resume=not fresh, console=console)
     except ScprotoInputError as e:
         _fail(e)
-    _summary(report)
-    console.print(f"report: {out / 'report.md'}")
+    if report is not None:  # torchrun: only rank 0 evaluates
+        _summary(report)
+        console.print(f"report: {out / 'report.md'}")
 
 
 @app.command()
@@ -110,18 +112,34 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML config")],
     out: Annotated[Path, typer.Option("--out")],
     set_: Annotated[list[str] | None, typer.Option("--set")] = None,
-    resume: Annotated[bool, typer.Option(help="continue from the last epoch checkpoint")] = False,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+    workers: Annotated[int | None, typer.Option(help="DDP workers (Ray Train when > 1)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help='existing Ray cluster, e.g. "auto"')] = None,
 ) -> None:
-    """Ingest, prepare and train, then export the prototype atlas to OUT/atlas (no evaluation)."""
+    """Ingest, prepare and train, then export the prototype atlas to OUT/atlas (no evaluation).
+
+    Distributed: ``--workers N`` trains on N Ray Train workers on this machine (or on the
+    cluster of ``--ray-address``); under ``torchrun --nproc_per_node N -m scproto_scale.cli
+    train …`` every rank trains and rank 0 exports.
+    """
     from pipelines.atlas_job import run as run_job
-    from scproto_scale.config import load_config
 
     try:
-        cfg = load_config(config, (set_ or []) + ["evaluate.enabled=false"])
-        run_job(cfg, out, resume=resume, console=console)
+        cfg = _config(config, (set_ or []) + ["evaluate.enabled=false"], workers, ray_address)
+        report = run_job(cfg, out, resume=resume, console=console)
     except ScprotoInputError as e:
         _fail(e)
-    console.print(f"atlas: {out / 'atlas'}")
+    if report is not None:
+        console.print(f"atlas: {out / 'atlas'}")
+
+
+def _config(path: Path, overrides: list[str] | None, workers: int | None,
+            ray_address: str | None):
+    from scproto_scale.config import load_config
+
+    extra = [f"distributed.workers={workers}"] if workers is not None else []
+    extra += [f"distributed.ray_address={ray_address}"] if ray_address else []
+    return load_config(path, (overrides or []) + extra)
 
 
 @app.command()
@@ -178,3 +196,7 @@ def _summary(report: dict) -> None:
 def main() -> None:  # pragma: no cover
     app(prog_name="scproto-scale")
     sys.exit(0)
+
+
+if __name__ == "__main__":  # torchrun -m scproto_scale.cli …
+    app()

@@ -95,6 +95,16 @@ class TrainConfig(_Strict):
         None, ge=0, description="batches built ahead in threads (default: 0 on ≤ 2 cores, else 2)"
     )
     progress: bool = True
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="also checkpoint mid-epoch every this many steps (0: epoch ends only)"
+    )
+    accumulate_steps: int = Field(
+        1, gt=0, description="micro-batches per optimiser step (larger global batches)"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast of the networks (auto: bf16 on GPU, fp32 on CPU)"
+    )
+    compile: bool = Field(False, description="torch.compile the model")
 
     @field_validator("n_views")
     @classmethod
@@ -102,6 +112,26 @@ class TrainConfig(_Strict):
         if v < 2:
             raise ValueError("n_views must be ≥ 2 (two assignment views)")
         return v
+
+
+class DistributedConfig(_Strict):
+    """How many training workers and who launches them (method.md §7).
+
+    ``launcher="auto"``: inside ``torchrun`` (``WORLD_SIZE`` set) train under it; otherwise Ray
+    Train when ``workers > 1`` or ``ray_address`` is set; otherwise in-process.
+    """
+
+    launcher: Literal["auto", "local", "torchrun", "ray"] = "auto"
+    workers: int = Field(1, gt=0, description="DDP workers (Ray: one actor each)")
+    ray_address: str | None = Field(None, description='existing Ray cluster, e.g. "auto"')
+    use_gpu: bool | None = Field(None, description="one GPU per worker (default: if CUDA exists)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=-1, description="Ray restarts after worker failures (-1: ∞)")
+    storage_path: str | None = Field(
+        None, description="Ray run storage (shared FS / S3 on multi-node; default: OUT/ray)"
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU")
+    timeout_s: int = Field(600, gt=0, description="a collective waiting longer is an error")
 
 
 class EvaluateConfig(_Strict):
@@ -122,6 +152,7 @@ class RunConfig(_Strict):
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
 

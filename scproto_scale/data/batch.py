@@ -25,6 +25,11 @@ class ViewBatch:
     group: torch.Tensor
     group_ids: list[int]
 
+    def pin_memory(self) -> ViewBatch:
+        """Page-locked copies, so the host→GPU copy can overlap compute (``non_blocking``)."""
+        return ViewBatch(self.counts.pin_memory(), self.library.pin_memory(),
+                         self.condition.pin_memory(), self.group.pin_memory(), self.group_ids)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ViewBatch:
         return ViewBatch(
             self.counts.to(device, non_blocking=non_blocking),

@@ -53,6 +53,11 @@ class DecoderOutput:
     expr: torch.Tensor | None = None
     lgamma_theta: torch.Tensor | None = None
 
+    def float(self) -> DecoderOutput:
+        """The same parameters in float32 (after a reduced-precision decoder)."""
+        return DecoderOutput(*(None if t is None else t.float() for t in (
+            self.rho, self.theta, self.pi_logits, self.expr, self.lgamma_theta)))
+
 
 class CVAE(nn.Module):
     """Conditional VAE over ``G`` genes and ``S`` studies.

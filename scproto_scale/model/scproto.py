@@ -6,6 +6,8 @@ no distributed calls except through :mod:`scproto_scale.model.dist` (inside Sink
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,10 @@ TARGET_SUM = 1e4
 def log_normalize_torch(counts: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
     """``log1p(x / l · 1e4)`` for ``counts (n, G)`` and ``library (n,)`` (all-gene totals)."""
     return torch.log1p(counts * (TARGET_SUM / library.clamp(min=1.0))[:, None])
+
+
+def _autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 class ScProto(nn.Module):
@@ -51,13 +57,14 @@ class ScProto(nn.Module):
         self.prototypes = PrototypeBank(config.n_prototypes, config.latent_dim, generator=gen)
 
     def forward(self, batch: ViewBatch, kl_weight: float | None = None,
-                queue: StudyQueue | None = None, use_queue: bool = True
-                ) -> dict[str, torch.Tensor]:
+                queue: StudyQueue | None = None, use_queue: bool = True,
+                amp_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Loss terms of one step: ``loss`` (total), ``swav``, ``prop``, ``cvae``, ``recon``, ``kl``.
 
         With a ``queue``, the assignment views of this step are pushed into it, and when
         ``use_queue`` (after the warm-up) Sinkhorn stacks each study's queued embeddings before
-        the batch.
+        the batch. ``amp_dtype`` (e.g. ``torch.bfloat16``) autocasts the encoder and decoder
+        networks only: likelihoods, KL, Sinkhorn and the softmaxes stay in float32.
         """
         cfg = self.config
         V, B, G = batch.counts.shape
@@ -65,10 +72,14 @@ class ScProto(nn.Module):
         library = batch.library.reshape(V * B)
         condition = batch.condition.reshape(V * B)
         x_in = log_normalize_torch(counts, library)
-        cond_emb = self.cvae.embed_condition(condition)
-        mu, var = self.cvae.encode(x_in, cond_emb)
+        with _autocast(counts.device.type, amp_dtype):
+            cond_emb = self.cvae.embed_condition(condition)
+            mu, var = self.cvae.encode(x_in, cond_emb)
+        mu, var = mu.float(), var.float()
         z = mu + var.sqrt() * torch.randn_like(mu)
-        dec = self.cvae.decode(z, cond_emb, condition)
+        with _autocast(counts.device.type, amp_dtype):
+            dec = self.cvae.decode(z, cond_emb, condition)
+        dec = dec.float()
         recon = self.cvae.reconstruction_nll(dec, counts, x_in, library).mean()
         kl = kl_normal(mu, var).mean()
         beta = cfg.kl_weight if kl_weight is None else kl_weight
