@@ -49,6 +49,23 @@ def test_resume_reaches_the_same_parameters(prepared, tmp_path):
     assert part.history[0]["loss"] == full.history[0]["loss"]
 
 
+def test_mid_epoch_resume_is_bit_identical(prepared, tmp_path):
+    """Checkpoint every 2 steps; drop the epoch checkpoint and resume from step 4 of epoch 1."""
+    store, prep = prepared
+    model = MODEL.model_copy(update={"queue_length": 128, "queue_start_epoch": 0})
+    cfg = TRAIN.model_copy(update={"epochs": 2, "checkpoint_every_steps": 2})
+    full = train(store, prep, model, cfg, tmp_path / "full", seed=4)
+    train(store, prep, model, cfg, tmp_path / "part", seed=4)
+    assert sorted(p.name for p in (tmp_path / "part").glob("*.pt")) == [
+        "epoch_0001.pt", "epoch_0001_step_0000004.pt"]
+    (tmp_path / "part" / "epoch_0001.pt").unlink()
+    resumed = train(store, prep, model, cfg, tmp_path / "part", seed=4, resume=True)
+    for k, v in _params(full.model).items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert resumed.history[-1]["loss"] == full.history[-1]["loss"]
+    assert resumed.history[-1]["prototypes_used"] == full.history[-1]["prototypes_used"]
+
+
 def test_resume_refuses_another_model(prepared, tmp_path):
     store, prep = prepared
     train(store, prep, MODEL, TRAIN.model_copy(update={"epochs": 1}), tmp_path, seed=0)

@@ -39,6 +39,21 @@ class PrototypeBank(nn.Module):
         return z_unit @ self.weight.t()
 
 
+def group_codes(scores: torch.Tensor, queue_scores: torch.Tensor | None = None,
+                epsilon: float = 0.02, n_iters: int = 3) -> torch.Tensor:
+    """Soft Sinkhorn codes ``(b, K)`` of one study group's ``b`` cells on this rank.
+
+    With ``queue_scores`` ``(L, K)``, the queued embeddings are stacked before the cells for
+    Sinkhorn (their mass enters the equipartition) and only the cells' rows are returned. Under
+    DDP every rank calls this for the same group; Sinkhorn all-reduces across ranks, so the
+    codes equal those of one process holding all ranks' cells and queues.
+    """
+    b = scores.shape[0]
+    if queue_scores is not None and len(queue_scores):
+        scores = torch.cat([queue_scores, scores])
+    return sinkhorn(scores, epsilon, n_iters)[scores.shape[0] - b:]
+
+
 def swapped_prediction_loss(
     scores: torch.Tensor, temperature: float = 0.05, epsilon: float = 0.02, n_iters: int = 3,
     hard: bool = True, assign_views: tuple[int, ...] = (0, 1),
@@ -59,14 +74,11 @@ def swapped_prediction_loss(
         Scalar: ``−Σ_k q_a^k log softmax(u_v/τ)^k`` averaged over cells, the (V−1) predicting
         views and the assignment views.
     """
-    V, b = scores.shape[0], scores.shape[1]
+    V = scores.shape[0]
     log_p = F.log_softmax(scores / temperature, dim=-1)  # (V, b, K)
     total = scores.new_zeros(())
     for a in assign_views:
-        s = scores[a].detach()
-        if queue_scores is not None and len(queue_scores):
-            s = torch.cat([queue_scores, s])
-        q = sinkhorn(s, epsilon, n_iters)[-b:]
+        q = group_codes(scores[a].detach(), queue_scores, epsilon, n_iters)
         if hard:
             q = hard_codes(q)
         for v in range(V):

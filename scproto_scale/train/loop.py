@@ -214,6 +214,11 @@ def train(
     if train_cfg.compile:
         step_model = torch.compile(step_model)
     bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+    # bf16 is a GPU path: CPU oneDNN bf16 kernels fail or crash on some machines (this one)
+    if bf16 and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        raise ScprotoInputError(
+            f"train.precision=bf16 needs a GPU with bf16 support; training runs on {device}: "
+            "use precision=auto or fp32")
 
     steps_per_epoch = len(loader)
     acc = train_cfg.accumulate_steps
