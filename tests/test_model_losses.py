@@ -98,6 +98,21 @@ def test_swapped_prediction_hand_computed():
     assert torch.allclose(loss, (from_view0 + from_view1) / 2)
 
 
+@pytest.mark.parametrize("hard", [True, False])
+def test_swapped_prediction_equals_its_definition_for_many_views(hard):
+    """The summed-views form equals −Σ_k q_a^k log softmax(u_v/τ)^k averaged over a, v≠a."""
+    g = torch.Generator().manual_seed(0)
+    scores = F.normalize(torch.randn(6, 40, 50, generator=g), dim=-1)
+    loss = swapped_prediction_loss(scores, temperature=0.1, hard=hard)
+    lp = F.log_softmax(scores / 0.1, dim=-1)
+    terms = []
+    for a in (0, 1):
+        q = sinkhorn(scores[a], 0.02, 3)
+        q = hard_codes(q) if hard else q
+        terms += [-(q * lp[v]).sum(-1).mean() for v in range(6) if v != a]
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+
+
 def test_propagation_loss_hand_made():
     # cosines: cell 0 is close to prototype 1 (0.9), cell 1's best is 0.3, cell 2's best 0.6
     scores = torch.tensor([[0.1, 0.9], [0.3, -0.2], [0.6, 0.5]], requires_grad=True)
