@@ -59,7 +59,8 @@ def log(msg: str) -> None:
 
 # ---- the CLI job under each launcher -------------------------------------------------------
 
-def cli_job(cfg_path: Path, out: Path, launcher: list[str], extra: list[str]) -> dict:
+def cli_job(cfg_path: Path, out: Path, launcher: list[str], extra: list[str],
+            env: dict | None = None) -> dict:
     """Time one ``scproto-scale train … --resume`` (prepare reused, training from scratch)."""
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     shutil.rmtree(out / "ray", ignore_errors=True)
@@ -67,7 +68,7 @@ def cli_job(cfg_path: Path, out: Path, launcher: list[str], extra: list[str]) ->
     for kv in extra:
         cmd += ["--set", kv]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env or ENV, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -107,6 +108,9 @@ def bench_launchers(root: Path, n_cells: int, epochs: int) -> dict:
         log(f"train: {name}")
         runs[name] = cli_job(cfg_path, out, launcher, extra)
         log(f"  {runs[name]}")
+    log("train: two Ray nodes started on this machine (the multi-node recipe)")
+    runs["ray_two_nodes_2_workers"] = two_node_job(cfg_path, out, cli)
+    log(f"  {runs['ray_two_nodes_2_workers']}")
     ray2, tr2 = runs["ray_2_workers_1cpu"], runs["torchrun_2x1thread"]
     epoch_s = {k: n_cells / v["anchor_cells_per_s"] for k, v in runs.items()}
     return {
@@ -117,6 +121,27 @@ def bench_launchers(root: Path, n_cells: int, epochs: int) -> dict:
         "ray_overhead_per_epoch_s": round(epoch_s["ray_2_workers_1cpu"]
                                           - epoch_s["torchrun_2x1thread"], 2),
     }
+
+
+def two_node_job(cfg_path: Path, out: Path, cli: list[str]) -> dict:
+    """``ray start --head`` + ``ray start --address`` (1 CPU each), then ``--ray-address``."""
+    ray = str(BIN / "ray")
+    env = {**ENV, "RAY_AUTH_MODE": "token"}  # Ray ≥ 2.59 local clusters use token auth
+    address = "127.0.0.1:6390"
+    try:
+        subprocess.run([ray, "start", "--head", "--port", address.split(":")[1], "--num-cpus", "1",
+                        "--include-dashboard=false", "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True)
+        subprocess.run([ray, "start", "--address", address, "--num-cpus", "1",
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True)
+        status = subprocess.run([ray, "status", "--address", address], env=env,
+                                capture_output=True, text=True).stdout
+        run = cli_job(cfg_path, out, cli, ["distributed.workers=2",
+                                           f"distributed.ray_address={address}"], env=env)
+        run["ray_nodes"] = status.count("node_")
+        return run
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
 
 
 # ---- distributed Sinkhorn ------------------------------------------------------------------
@@ -180,6 +205,9 @@ def bench_resume(root: Path) -> dict:
 
 # ---- the queue at K = 4,096 ----------------------------------------------------------------
 
+QUEUE_LENGTH = 1024  # per study: 4× the group's 256 cells per step (Sinkhorn cost ∝ L + b)
+
+
 def bench_queue(root: Path, epochs: int, n_cells: int) -> dict:
     h5ad = write_simulated_atlas(root / "queue.h5ad", n_cells=n_cells, n_genes=1000,
                                  n_studies=4, seed=2)
@@ -190,8 +218,9 @@ def bench_queue(root: Path, epochs: int, n_cells: int) -> dict:
     train_cfg = TrainConfig(epochs=epochs, batch_size=1024, min_cells_per_study=256, n_views=4,
                             progress=False, lr=0.01)
     out = {"K": 4096, "cells_per_study_group_per_step": 256, "epochs": epochs,
-           "n_cells": n_cells}
-    for name, queue_length in (("without_queue", 0), ("with_queue", 4096)):
+           "n_cells": n_cells, "queue_length": QUEUE_LENGTH, "queue_start_epoch": 1,
+           "perplexity": "exp(entropy) of the nearest-prototype frequencies of all cells (μ)"}
+    for name, queue_length in (("without_queue", 0), ("with_queue", QUEUE_LENGTH)):
         model_cfg = ModelConfig(n_prototypes=4096, latent_dim=32, queue_length=queue_length,
                                 queue_start_epoch=1)
         t0 = time.perf_counter()
