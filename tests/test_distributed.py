@@ -130,6 +130,12 @@ def test_launcher_resolution_and_clear_errors(job, monkeypatch):
             launch(job, DistributedConfig(use_gpu=True), "unused")
 
 
+def test_an_unreachable_ray_cluster_is_a_clear_error(job, tmp_path):
+    pytest.importorskip("ray")
+    with pytest.raises(ScprotoInputError, match=r"cannot reach the Ray cluster at '127\.0\.0\.1:1'"):
+        launch_ray(job, DistributedConfig(workers=2, ray_address="127.0.0.1:1"), str(tmp_path))
+
+
 @pytest.mark.slow
 def test_ray_refuses_more_cpus_than_the_cluster_has(job, tmp_path):
     pytest.importorskip("ray")

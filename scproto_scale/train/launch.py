@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +133,7 @@ def launch_ray(job: TrainJob, cfg: DistributedConfig, storage_path: str) -> Trai
     started = False
     try:
         if not ray.is_initialized():
+            _preflight(cfg.ray_address)
             try:
                 ray.init(address=cfg.ray_address, include_dashboard=False,
                          log_to_driver=True, configure_logging=False)
@@ -163,6 +165,19 @@ def launch_ray(job: TrainJob, cfg: DistributedConfig, storage_path: str) -> Trai
     finally:
         if started:
             ray.shutdown()
+
+
+def _preflight(address: str | None, timeout_s: float = 10.0) -> None:
+    """Refuse an unreachable ``host:port`` at once (``ray.init`` retries it for minutes)."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise ScprotoInputError(
+            f"cannot reach the Ray cluster at {address!r} ({type(e).__name__}: {e}); is "
+            "`ray start --head` running there, and is the port open?") from None
 
 
 def _check_resources(have: dict, cfg: DistributedConfig, use_gpu: bool) -> None:
