@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime
 import logging
@@ -130,7 +131,7 @@ def launch_ray(job: TrainJob, cfg: DistributedConfig, storage_path: str) -> Trai
     storage = Path(storage_path).absolute()
     if not job.resume:  # a Ray run of the same name restores its last checkpoint: start clean
         shutil.rmtree(storage / name, ignore_errors=True)
-    started = False
+    started, driver_print = False, builtins.print
     try:
         if not ray.is_initialized():
             _preflight(cfg.ray_address)
@@ -165,6 +166,9 @@ def launch_ray(job: TrainJob, cfg: DistributedConfig, storage_path: str) -> Trai
     finally:
         if started:
             ray.shutdown()
+        # Ray Train swaps builtins.print for its log redirection; numba-compiled code (UMAP's
+        # nearest-neighbour descent, in evaluation) then fails to type `print`
+        builtins.print = driver_print
 
 
 def _preflight(address: str | None, timeout_s: float = 10.0) -> None:

@@ -116,6 +116,11 @@ def _model_signature(model_cfg: ModelConfig, prepared: Prepared) -> dict:
     return {"model": model_cfg.model_dump(), "genes": prepared.genes, "studies": prepared.studies}
 
 
+def _default_threads() -> int:
+    """All cores, shared among the workers of this node (torchrun sets LOCAL_WORLD_SIZE)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) %
@@ -176,8 +181,9 @@ def train(
     """
     t0 = time.perf_counter()
     rank, world = dist.rank(), dist.world_size()
-    if train_cfg.num_threads:
-        torch.set_num_threads(train_cfg.num_threads)
+    # Always set: results depend on the thread count, and other libraries change it behind our
+    # back (numba's OpenMP layer, used by UMAP in evaluation, resets the shared OpenMP pool).
+    torch.set_num_threads(train_cfg.num_threads or _default_threads())
     device = device or _default_device()
     if train_cfg.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

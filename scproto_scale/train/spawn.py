@@ -8,6 +8,7 @@ use ``torchrun`` or Ray Train (:mod:`scproto_scale.train.launch`).
 from __future__ import annotations
 
 import datetime
+import os
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -32,6 +33,7 @@ class RankError(RuntimeError):
 def _entry(rank: int, world: int, init_file: str, out_dir: str, timeout_s: float,
            threads: int, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(threads)
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # as torchrun: workers share the node's cores
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                              world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
