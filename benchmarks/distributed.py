@@ -289,11 +289,44 @@ def bench_swav_head(Ks: list[int], steps: int) -> list[dict]:
     return points
 
 
+def markdown(result: dict) -> str:
+    """The README's tables, from a results JSON."""
+    runs = result["launchers"]["runs"]
+    lines = ["| launcher (same store, 512 anchors per worker per step) | workers × threads | "
+             "anchor cells/s | data wait | job wall s |", "|---|---|---:|---:|---:|"]
+    shape = {"local_1x2threads": "1 × 2", "ray_1_worker_2cpus": "1 × 2",
+             "ray_2_workers_1cpu": "2 × 1", "torchrun_2x1thread": "2 × 1",
+             "ray_two_nodes_2_workers": "2 nodes × 1"}
+    for name, r in runs.items():
+        lines.append(f"| {name} | {shape.get(name, '')} | {r['anchor_cells_per_s']:,.0f} | "
+                     f"{r['data_wait_fraction']:.1%} | {r['wall_s']} |")
+    lines += ["", "| SwAV head, V=8 × B=512, 4 study groups, 1 thread | step ms | peak RSS Δ GiB |",
+              "|---|---:|---:|"]
+    for p in result["swav_head"]:
+        if "error" not in p:
+            lines.append(f"| K = {p['K']:,}, queue {p['queue_length']} | {p['step_ms']:,.0f} | "
+                         f"{p['peak_rss_delta_gib']} |")
+    q = result["queue"]
+    lines += ["", f"| K = 4,096, 256 cells per study group, {q['epochs']} epochs | perplexity "
+              "(cells' nearest prototype) | prototypes used by cells | last-epoch training "
+              "perplexity | train s |", "|---|---:|---:|---:|---:|"]
+    for name in ("without_queue", "with_queue"):
+        r = q[name]
+        lines.append(f"| {name.replace('_', ' ')} | {r['cells_nearest_prototype_perplexity']} | "
+                     f"{r['prototypes_used_by_cells']} | {r['last_epoch_training_perplexity']} | "
+                     f"{r['train_s']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller runs (< 10 min here)")
     ap.add_argument("--swav-point", nargs=3, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--table", type=Path, help="print the README tables of a results JSON")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
     if args.swav_point:
         torch.set_num_threads(1)  # one worker's share of this box; stable under shared load
         print(json.dumps(swav_head_point(*args.swav_point)))
@@ -335,6 +368,7 @@ def main() -> None:
             "prototype_perplexity_with_queue", "prototype_perplexity_without_queue",
             "ray_overhead_s", "ray_overhead_per_epoch_s", "wall_s"]
     print(json.dumps({k: result[k] for k in keys}, indent=1))
+    print(markdown(result))
 
 
 if __name__ == "__main__":
