@@ -184,8 +184,8 @@ class AnnotateHeadConfig(_Strict):
     head: Literal["none", "mlp_cl", "mls_cl"] = "mlp_cl"
     classifier: Literal["logreg", "mlp"] = "logreg"
     tau: float = Field(0.1, gt=0, description="SupCon temperature")
-    epochs: int = Field(50, gt=0)
-    batch_size: int = Field(256, gt=1)
+    epochs: int = Field(100, gt=0)
+    batch_size: int = Field(128, gt=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     num_threads: int | None = Field(None, gt=0)

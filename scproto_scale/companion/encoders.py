@@ -8,6 +8,8 @@ size factor × exp(·), dispersion θ and dropout logits π per cell and gene, s
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +20,7 @@ from scproto_scale.model.likelihoods import zinb_log_prob
 def mlp(dims: list[int], *, final_act: bool = False, dropout: float = 0.0) -> nn.Sequential:
     """Linear → BatchNorm → ReLU stack over ``dims`` (last layer linear unless ``final_act``)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         layers.append(nn.Linear(a, b))
         if i < len(dims) - 2 or final_act:
             layers += [nn.BatchNorm1d(b), nn.ReLU()]

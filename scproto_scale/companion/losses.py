@@ -109,13 +109,20 @@ def mls_supcon(h: torch.Tensor, labels: torch.Tensor, n_classes: int,
     """
     if h.shape[1] != 2 * n_classes:
         raise ValueError(f"MLS-CL head has {h.shape[1]} dims, expected 2·{n_classes}")
-    total = h.sum() * 0.0
-    for c in torch.unique(labels).tolist():
-        in_c = labels == c
-        if int(in_c.sum()) < 2:
-            continue
-        total = total + supcon(h[:, 2 * c:2 * c + 2], in_c.long(), tau, anchor_mask=in_c)
-    return total
+    n = h.shape[0]
+    hn = F.normalize(h.view(n, n_classes, 2), dim=2).transpose(0, 1)  # (C, n, 2)
+    eye = torch.eye(n, dtype=torch.bool, device=h.device)
+    logits = (hn @ hn.transpose(1, 2) / tau).masked_fill(eye, float("-inf"))  # (C, n, n)
+    log_prob = logits - torch.logsumexp(logits, dim=2, keepdim=True)
+    in_c = labels[None, :] == torch.arange(n_classes, device=h.device)[:, None]  # (C, n)
+    pos = in_c[:, :, None] & in_c[:, None, :] & ~eye  # anchor and positive both in class c
+    n_pos = pos.sum(2)  # (C, n): > 0 only for anchors of class c with a partner
+    anchor = n_pos > 0
+    if not bool(anchor.any()):
+        return h.sum() * 0.0
+    mean_pos = log_prob.masked_fill(~pos, 0.0).sum(2) / n_pos.clamp_min(1)
+    per_class = -(mean_pos * anchor).sum(1) / anchor.sum(1).clamp_min(1)
+    return per_class.sum()
 
 
 def student_t_assign(z: torch.Tensor, mu: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
