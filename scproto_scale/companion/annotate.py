@@ -137,9 +137,9 @@ def balanced_splits(labels: np.ndarray, cells_per_type: int | None, n_splits: in
     if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) <= 0:
         raise ScprotoInputError(f"split fractions must be positive and sum to 1, got {fractions}")
     labels = np.asarray(labels).astype(str)
-    need = int(np.ceil(1.0 / min(fractions)))
+    need = 4  # ≥ 2 training cells (a SupCon positive) and one each for validation and test
     types, counts = np.unique(labels, return_counts=True)
-    small = [(t, int(c)) for t, c in zip(types, counts, strict=True) if c < need]
+    small = [(str(t), int(c)) for t, c in zip(types, counts, strict=True) if c < need]
     if small:
         raise ScprotoInputError(
             f"cell types with fewer than {need} cells cannot be split "
@@ -153,9 +153,10 @@ def balanced_splits(labels: np.ndarray, cells_per_type: int | None, n_splits: in
         for t in types:
             idx = rng.permutation(np.flatnonzero(labels == t))
             if cells_per_type is not None:
-                idx = idx[:cells_per_type]
+                idx = idx[:max(cells_per_type, need)]
             n_val = max(1, round(fractions[1] * len(idx)))
             n_test = max(1, round(fractions[2] * len(idx)))
+            n_val, n_test = min(n_val, (len(idx) - 2) // 2), min(n_test, (len(idx) - 2) // 2)
             parts[0].append(idx[n_val + n_test:])
             parts[1].append(idx[:n_val])
             parts[2].append(idx[n_val:n_val + n_test])
