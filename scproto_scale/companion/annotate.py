@@ -39,8 +39,12 @@ class Annotator:
         zs = self.scaler.transform(np.asarray(z, dtype=np.float32)).astype(np.float32)
         return zs if self.head is None else transform(self.head, zs)
 
-    def fit(self, z: np.ndarray, labels: np.ndarray) -> Annotator:
+    def fit(self, z: np.ndarray, labels: np.ndarray, head_from: Annotator | None = None
+            ) -> Annotator:
         """Train on ``(n, d)`` embeddings and ``(n,)`` string labels.
+
+        ``head_from``: an annotator already fitted on the same cells whose scaler and head are
+        reused (only the classifier is trained), e.g. to compare classifiers on one head.
 
         Raises:
             ScprotoInputError: shape mismatch, fewer than 2 classes, or a class with 1 cell.
@@ -57,9 +61,12 @@ class Annotator:
                 f"cell type {self.classes_[counts.argmin()]!r} has only {counts.min()} training "
                 "cell; a supervised contrastive head needs ≥ 2 per type"
             )
-        self.scaler = StandardScaler().fit(z)
+        if head_from is not None:
+            self.scaler, self.head = head_from.scaler, head_from.head
+        else:
+            self.scaler = StandardScaler().fit(z)
         zs = self.scaler.transform(z).astype(np.float32)
-        if self.cfg.head != "none":
+        if self.cfg.head != "none" and head_from is None:
             self.head = fit_head(zs, y, len(self.classes_), self.cfg.head, self.cfg, self.seed)
         feats = zs if self.head is None else transform(self.head, zs)
         if self.cfg.classifier == "logreg":
