@@ -4,6 +4,7 @@ scGPCL run and an annotation run on real data, and bad input."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -26,7 +27,7 @@ from scproto_scale.companion.losses import (
 )
 from scproto_scale.companion.scgpcl import fit_scgpcl
 from scproto_scale.companion.views import mask_features
-from scproto_scale.config import AnnotateHeadConfig, ScGPCLConfig
+from scproto_scale.config import AnnotateHeadConfig, ClusterJobConfig, ScGPCLConfig, load_config
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.evaluate.clustering import annotation_scores, clustering_scores
 
@@ -174,3 +175,12 @@ def test_bad_input():
         balanced_splits(np.array(["big"] * 20 + ["rare"] * 2), cells_per_type=None)
     with pytest.raises(ScprotoInputError, match="only 1 training cell"):
         Annotator(AnnotateHeadConfig()).fit(x, np.array(["a", "a", "b", "b", "c"]))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "cluster").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_cluster_configs_validate(path):
+    cfg = load_config(path, ["scgpcl.pretrain_epochs=2"], model=ClusterJobConfig)
+    assert cfg.scgpcl.pretrain_epochs == 2 and cfg.data.label_key
+    with pytest.raises(ScprotoInputError, match=r"scgpcl\.tau"):
+        load_config(path, ["scgpcl.tau=-1"], model=ClusterJobConfig)

@@ -65,7 +65,9 @@ def run_cluster(cfg: ClusterJobConfig, out: str | Path) -> dict:
     out = Path(out)
     if out.suffix != ".h5ad":
         raise ScprotoInputError(f"--out must be an .h5ad file, got {out}")
-    adata = read_cells(cfg.data.path)
+    from pipelines.atlas_job import resolve_input
+
+    adata = read_cells(resolve_input(cfg.data.path))
     res, scores = cluster_adata(adata, cfg, where=str(cfg.data.path))
     summary = {"n_cells": int(adata.n_obs), "n_clusters": len(np.unique(res.labels)),
                "scores": scores, "pretrain_epochs": res.pretrain_epochs,
