@@ -103,7 +103,7 @@ def scproto_merged(a: ad.AnnData, genes, k: int, seed: int, epochs: int, workdir
     return labels
 
 
-def run_dataset(name: str, args: argparse.Namespace) -> dict:
+def run_dataset(name: str, args: argparse.Namespace, save) -> dict:
     a = read_labelled(DATASETS[name])
     y = a.obs["cell_type"].astype(str).to_numpy()
     k = len(np.unique(y))
@@ -141,6 +141,11 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict:
             with tempfile.TemporaryDirectory(dir=args.workdir) as wd:
                 record("scproto_merged", scproto_merged(a, genes, k, seed, args.scproto_epochs,
                                                         Path(wd)), t0)
+        save(summarise(name, a, genes, k, per))  # after every seed: partial results survive
+    return summarise(name, a, genes, k, per)
+
+
+def summarise(name: str, a: ad.AnnData, genes, k: int, per: dict[str, list[dict]]) -> dict:
     out = {m: mean_sd(rows) for m, rows in per.items()}
     if name in PUBLISHED:
         out["published_scgpcl"] = dict(PUBLISHED[name])
@@ -195,13 +200,17 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     out = Path(args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "datasets")}
+
     for ds in datasets:
         t0 = time.perf_counter()
-        r = run_dataset(ds, args)
-        r["_dataset"]["wall_s_all_methods"] = time.perf_counter() - t0
-        settings = {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "datasets")}
-        res = merge_json(out, {ds: r, "_meta": {"machine": machine(), "settings": settings}})
-        write_markdown(res, out.with_suffix(".md"))
+
+        def save(r: dict, ds: str = ds, t0: float = t0) -> None:
+            r["_dataset"]["wall_s_all_methods"] = time.perf_counter() - t0
+            res = merge_json(out, {ds: r, "_meta": {"machine": machine(), "settings": settings}})
+            write_markdown(res, out.with_suffix(".md"))
+
+        save(run_dataset(ds, args, save))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
