@@ -74,23 +74,36 @@ class CountInput:
     genes: pd.Index
 
 
+def _top_variable_genes(X: sp.csr_matrix, genes: pd.Index, n_top: int, where: str) -> np.ndarray:
+    """Indices of scanpy's seurat_v3 HVGs; the loess fit can be singular on some count
+    matrices (worm neuron: many genes with identical low means), so retry with a wider span."""
+    import scanpy as sc
+
+    tmp = ad.AnnData(X=X, var=pd.DataFrame(index=genes.astype(str)))
+    for span in (0.3, 0.5, 0.8):
+        try:
+            hv = sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_top,
+                                             span=span, inplace=False)
+            if span != 0.3:
+                log.warning("%s: seurat_v3 loess needed span=%.1f", where, span)
+            return np.flatnonzero(hv["highly_variable"].to_numpy())
+        except ValueError as e:  # skmisc's loess: "reciprocal condition number …"
+            last = e
+    raise ScprotoInputError(f"{where}: highly variable gene selection failed ({last})")
+
+
 def prepare_counts(adata: ad.AnnData, n_top_genes: int | None, where: str = "input") -> CountInput:
     """Select genes (scanpy seurat_v3 HVG on counts if more than ``n_top_genes``), normalise, scale.
 
     The transform follows scDeepCluster / scGPCL: size factor l / median(l) (l over all genes),
     ``log1p(x / l · 1e4)``, per-gene z-score clipped at 10.
     """
-    import scanpy as sc
-
     X = sp.csr_matrix(adata.X, dtype=np.float32)
     check_counts(X, where)
     lib = np.asarray(X.sum(1)).ravel()
     genes = adata.var_names
     if n_top_genes is not None and X.shape[1] > n_top_genes:
-        tmp = ad.AnnData(X=X, var=pd.DataFrame(index=genes.astype(str)))
-        hv = sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_top_genes,
-                                         inplace=False)
-        keep = np.flatnonzero(hv["highly_variable"].to_numpy())
+        keep = _top_variable_genes(X, genes, n_top_genes, where)
         X, genes = X[:, keep], genes[keep]
         log.info("%s: %d highly variable genes of %d", where, len(keep), adata.n_vars)
     logx = log_normalize(X, lib).toarray()
