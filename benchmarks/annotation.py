@@ -138,8 +138,10 @@ def write_markdown(res: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="PCA only, 2 splits, short heads")
-    ap.add_argument("--settings", nargs="*", default=["default", "scarce", "transfer"])
+    ap.add_argument("--quick", action="store_true",
+                    help="PCA only, 2 splits, short heads, scarce + transfer settings")
+    ap.add_argument("--settings", nargs="*", default=None,
+                    help="default scarce transfer (all; --quick: scarce transfer)")
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--head-steps", type=int, default=400)
     ap.add_argument("--scvi-epochs", type=int, default=30)
@@ -149,6 +151,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.splits, args.head_steps, args.scvi_epochs = 2, 150, 0
+        args.settings = args.settings or ["scarce", "transfer"]
+    args.settings = args.settings or ["default", "scarce", "transfer"]
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     kang = read_labelled(KANG)
