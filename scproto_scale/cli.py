@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 
@@ -170,6 +171,73 @@ def embed(
             adata.obs["scproto_confidence"] = e.confidence
         tmp = out.with_name(f".{out.name}.tmp")
         adata.write_h5ad(tmp)
+        tmp.replace(out)
+    except ScprotoInputError as e:
+        _fail(e)
+    console.print(f"wrote {out}")
+
+
+
+@app.command()
+def cluster(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/cluster_*.yaml)")],
+    out: Annotated[Path, typer.Option("--out", help="output .h5ad (obs scgpcl_cluster) + .json")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. scgpcl.pretrain_epochs=5")] = None,
+) -> None:
+    """scGPCL clustering: contrastive + prototypical pre-training, DEC fine-tuning."""
+    from scproto_scale.companion.cluster_job import run_cluster
+    from scproto_scale.config import ClusterJobConfig, load_config
+
+    try:
+        cfg = load_config(config, set_, model=ClusterJobConfig)
+        summary = run_cluster(cfg, out)
+    except ScprotoInputError as e:
+        _fail(e)
+    console.print({k: summary[k] for k in ("n_cells", "n_clusters", "scores", "pretrain_epochs",
+                                           "dec_epochs", "wall_s")})
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def annotate(
+    reference: Annotated[Path, typer.Argument(help="labelled h5ad with the embedding in obsm")],
+    query: Annotated[Path, typer.Argument(help="h5ad to annotate (same embedding in obsm)")],
+    label_key: Annotated[str, typer.Option(help="obs column of cell types in the reference")],
+    embedding: Annotated[str, typer.Option(help="obsm key of the frozen embedding, e.g. X_scproto")],
+    out: Annotated[Path, typer.Option("--out", help="output .h5ad: obs annotation / annotation_confidence")],
+    head: Annotated[str, typer.Option(help="none | mlp_cl | mls_cl")] = "mlp_cl",
+    classifier: Annotated[str, typer.Option(help="logreg | mlp")] = "logreg",
+    epochs: int = 100, seed: int = 0,
+) -> None:
+    """Train a supervised contrastive head + classifier on the reference, label the query."""
+    import anndata as ad
+    from pydantic import ValidationError
+
+    from scproto_scale.companion.annotate import Annotator
+    from scproto_scale.config import AnnotateHeadConfig
+
+    try:
+        try:
+            cfg = AnnotateHeadConfig(head=head, classifier=classifier, epochs=epochs)
+        except ValidationError as e:
+            raise ScprotoInputError(f"bad option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+        ref, qry = ad.read_h5ad(reference), ad.read_h5ad(query)
+        for name, a in (("reference", ref), ("query", qry)):
+            if embedding not in a.obsm:
+                raise ScprotoInputError(f"{name} has no obsm[{embedding!r}] (has {list(a.obsm)})")
+        if label_key not in ref.obs.columns:
+            raise ScprotoInputError(f"reference has no obs column {label_key!r}")
+        if ref.obsm[embedding].shape[1] != qry.obsm[embedding].shape[1]:
+            raise ScprotoInputError(f"obsm[{embedding!r}] has {ref.obsm[embedding].shape[1]} dims in the "
+                                    f"reference but {qry.obsm[embedding].shape[1]} in the query")
+        ann = Annotator(cfg, seed=seed).fit(np.asarray(ref.obsm[embedding]), ref.obs[label_key].to_numpy())
+        proba = ann.predict_proba(np.asarray(qry.obsm[embedding]))
+        qry.obs["annotation"] = ann.classes_[proba.argmax(1)]
+        qry.obs["annotation_confidence"] = proba.max(1)
+        if label_key in qry.obs.columns:
+            console.print(ann.score(np.asarray(qry.obsm[embedding]), qry.obs[label_key].to_numpy()))
+        tmp = out.with_name(f".{out.name}.tmp")
+        qry.write_h5ad(tmp)
         tmp.replace(out)
     except ScprotoInputError as e:
         _fail(e)

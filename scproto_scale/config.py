@@ -158,6 +158,72 @@ class RunConfig(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
 
 
+
+class ScGPCLConfig(_Strict):
+    """scGPCL clustering (method.md §10; Lee et al. 2023, Bioinformatics)."""
+
+    encoder: Literal["mlp", "graph"] = Field(
+        "mlp", description="MLP over expression, or GraphSAGE over the bipartite cell–gene graph"
+    )
+    n_top_genes: int | None = Field(2000, gt=0, description="seurat_v3 HVGs if more genes")
+    hidden_dims: list[int] = Field([256, 64], min_length=1)
+    latent_dim: int = Field(32, gt=0)
+    projection_dim: int = Field(32, gt=0, description="contrastive projection head output")
+    mask_prob: float = Field(0.2, ge=0, lt=1, description="feature-masking probability per view")
+    tau: float = Field(0.25, gt=0, description="NT-Xent and prototype temperature")
+    granularities: list[float] = Field([1.0, 1.5, 2.0], min_length=1,
+                                       description="k-means sizes as multiples of K")
+    lambda_proto: float = Field(0.05, ge=0)
+    lambda_zinb: float = Field(1.0, ge=0)
+    zinb_genes_per_step: int | None = Field(
+        256, gt=0, description="score the ZINB term on this many random genes per step (None: all)"
+    )
+    warmup_epochs: int = Field(10, ge=0, description="epochs before the prototype loss starts")
+    pretrain_epochs: int = Field(100, gt=0)
+    early_stop_ari: float | None = Field(
+        0.99, gt=0, le=1, description="stop pre-training when consecutive k-means ARI exceeds this"
+    )
+    dec_max_epochs: int = Field(100, ge=0)
+    dec_tol: float = Field(0.001, ge=0, description="stop DEC when this fraction of labels changes")
+    gamma_dec: float = Field(1.0, ge=0, description="weight of KL(p‖q) against ZINB in DEC")
+    dec_alpha: float = Field(1.0, gt=0, description="Student-t degrees of freedom")
+    batch_size: int = Field(256, gt=1)
+    lr: float = Field(1e-3, gt=0)
+    dec_lr: float = Field(1e-4, gt=0)
+    graph_neighbors: list[int] = Field([15, 10], min_length=1,
+                                       description="graph encoder: neighbours sampled per hop")
+    num_threads: int | None = Field(None, gt=0)
+
+
+class ClusterDataConfig(_Strict):
+    """Input and output of ``scproto-scale cluster``."""
+
+    path: str = Field(description="h5ad file, AnnData zarr store or TileDB-SOMA experiment")
+    label_key: str | None = Field(None, description="obs column of true labels (scoring only)")
+    n_clusters: int | None = Field(None, gt=1, description="default: number of labels")
+
+
+class ClusterJobConfig(_Strict):
+    """``scproto-scale cluster CONFIG``: scGPCL on one dataset."""
+
+    seed: int = 0
+    data: ClusterDataConfig
+    scgpcl: ScGPCLConfig = ScGPCLConfig()
+
+
+class AnnotateHeadConfig(_Strict):
+    """Supervised contrastive head h_ψ on a frozen embedding (MLP-CL / MLS-CL) and its classifier."""
+
+    head: Literal["none", "mlp_cl", "mls_cl"] = "mlp_cl"
+    classifier: Literal["logreg", "mlp"] = "logreg"
+    tau: float = Field(0.1, gt=0, description="SupCon temperature")
+    epochs: int = Field(100, gt=0)
+    batch_size: int = Field(128, gt=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    num_threads: int | None = Field(None, gt=0)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -169,13 +235,14 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> RunConfig:
+                base: dict | None = None, model: type[BaseModel] = RunConfig) -> Any:
     """Read a YAML config, apply ``key.sub=value`` overrides and validate.
 
     Args:
         path: YAML file (may be None when ``base`` is given).
         overrides: ``["train.epochs=5", "data.path=x.h5ad"]``; values are parsed as YAML.
         base: a dict used instead of / under the file.
+        model: the top-level model (:class:`RunConfig`, or e.g. :class:`ClusterJobConfig`).
 
     Raises:
         ScprotoInputError: missing file, bad YAML, a malformed override, or a validation error
@@ -196,7 +263,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as e:
         lines = [
             f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
