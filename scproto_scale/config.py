@@ -42,6 +42,15 @@ class PrepareConfig(_Strict):
         200_000, gt=0, description="exact FAISS search up to this many cells, IVF above"
     )
     ivf_nprobe: int = Field(32, gt=0)
+    knn_method: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="FAISS index: auto = flat up to exact_knn_max_cells, IVF above")
+    pca_method: Literal["auto", "exact", "randomized"] = Field(
+        "auto", description="auto = exact Gram PCA up to 4,096 genes, randomized above")
+    training_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="write the locality-ordered model-gene cache the loader reads "
+        "(auto: from cache_min_cells kept cells on)")
+    cache_min_cells: int = Field(50_000, gt=0)
+    cache_cluster_cells: int = Field(1_000, gt=0, description="cells per locality cluster")
     chunk_size: int = Field(10_000, gt=0, description="rows per streamed chunk")
 
 
