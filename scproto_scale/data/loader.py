@@ -19,13 +19,31 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from scproto_scale.atlas.genes import gene_selector
+from scproto_scale.atlas.genes import align_genes, gene_selector
 from scproto_scale.data.batch import ViewBatch
 from scproto_scale.data.sampler import StepDraw, StudyStratifiedSampler
 from scproto_scale.data.store import CellStore
 from scproto_scale.errors import ScprotoInputError
 
 log = logging.getLogger(__name__)
+
+
+def align_store_genes(store: CellStore, genes: list[str], min_overlap: float = 0.8) -> np.ndarray:
+    """Store columns of the model's genes for :class:`ViewLoader` (−1: missing, zero-filled).
+
+    Args:
+        store: the store to read.
+        genes: the model's gene ids, in model order.
+        min_overlap: refuse below this fraction of model genes present.
+
+    Returns:
+        ``(len(genes),)`` int64 columns.
+
+    Raises:
+        ScprotoInputError: coverage below ``min_overlap``; the message gives the overlap
+            (present / total, percentage) and example missing genes.
+    """
+    return align_genes(store.var_names, genes, min_overlap, source=f"store {store.path}")
 
 
 def draw_neighbours(

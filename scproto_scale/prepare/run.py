@@ -119,7 +119,17 @@ def prepare(
     t0 = time.perf_counter()
     codes, studies = study_codes_of(store, batch_key)
 
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        timings[name] = round(now - tick, 2)
+        tick = now
+
     lib = _scan_library_sizes(store, cfg.chunk_size, require_integer)
+    lap("library_s")
     zero = np.flatnonzero(lib <= 0)
     if len(zero):
         warnings.warn(
@@ -160,6 +170,7 @@ def prepare(
     )
     stats.index = store.var_names
     gene_columns = np.flatnonzero(stats["highly_variable"].to_numpy())
+    lap("hvg_s")
 
     def pca_chunks():
         for rows, X in _kept_chunks(store, cells, cfg.chunk_size):
@@ -167,6 +178,7 @@ def prepare(
 
     model = fit_pca(pca_chunks, n_genes=len(gene_columns), n_pcs=cfg.n_pcs,
                     method=cfg.pca_method, seed=seed)
+    lap("pca_fit_s")
     use_cache = cfg.training_cache == "on" or (
         cfg.training_cache == "auto" and len(cells) >= cfg.cache_min_cells)
 
@@ -188,6 +200,7 @@ def prepare(
         scores.flush()
         if spill is not None:
             spill.close()
+        lap("pca_project_s")
         (tmp / "knn").mkdir()
         nn_pos, nn_dist = knn(scores, k=cfg.n_neighbors, exact_max_cells=cfg.exact_knn_max_cells,
                               nprobe=cfg.ivf_nprobe, seed=seed, method=cfg.knn_method,
@@ -198,6 +211,7 @@ def prepare(
             nn_rows[a:a + 65_536] = cells[nn_pos[a:a + 65_536]]
         nn_rows.flush()
         os.replace(tmp / "knn" / "knn_distances.npy", tmp / "knn_distances.npy")
+        lap("knn_s")
         if use_cache:
             order = locality_order(scores, cfg.cache_cluster_cells, seed)
             write_training_cache(tmp / "spill", order, cells,
@@ -218,6 +232,7 @@ def prepare(
             cd.flush()
             del ck, cd
             shutil.rmtree(tmp / "spill")
+            lap("cache_s")
         del nn_pos, nn_dist, nn_rows, scores
         shutil.rmtree(tmp / "knn")
         for name, arr in [("library_size", lib), ("study_codes", codes), ("cells", cells)]:
@@ -236,6 +251,7 @@ def prepare(
             "pca_explained_variance": model.explained_variance.tolist(),
             "median_library_size": float(np.median(lib[cells])),
             "training_cache": use_cache,
+            "stage_seconds": timings,
             "config": cfg.model_dump(),
             "seed": seed,
             "versions": versions(),
