@@ -94,11 +94,9 @@ def loader_rate(store, prepared: Prepared, steps: int, source=None, max_s: float
     loader = ViewLoader(src.store, src.cells, src.knn_indices, src.knn_distances,
                         src.library_size, src.condition, src.gene_columns, sampler, 8,
                         prefetch=0)
-    it = loader.epoch(0)
-    next(it)  # warm-up: imports, first chunk decodes
     n = done = 0
-    t = time.perf_counter()
-    for batch in it:
+    t = time.perf_counter()  # from the first batch on, like the peer (no warm-up excluded)
+    for batch in loader.epoch(0):
         n += batch.counts.shape[1]
         done += 1
         if done >= steps or time.perf_counter() - t > max_s:
@@ -137,11 +135,9 @@ def tiledbsoma_ml_rate(soma: Path, steps: int, max_s: float = 60.0) -> dict:
     with tiledbsoma.Experiment.open(str(soma)) as exp, exp.axis_query("RNA") as query:
         ds = ExperimentDataset(query, layer_name="raw", obs_column_names=["study"],
                                batch_size=BATCH, shuffle=True, seed=0)
-        it = iter(ds)
-        next(it)  # warm-up (first IO batch)
         n = done = 0
-        t = time.perf_counter()
-        for X, _obs in it:
+        t = time.perf_counter()  # includes the first IO batch: it reads 65,536 cells at once
+        for X, _obs in ds:
             n += X.shape[0]
             done += 1
             if done >= steps or time.perf_counter() - t > max_s:
@@ -267,10 +263,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "data_plane")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=60, help="loader steps timed per peer")
+    ap.add_argument("--steps", type=int, default=150,
+                    help="loader steps (of 1,024 anchors) timed per peer, first batch included")
     ap.add_argument("--keep", action="store_true", help="keep the generated stores")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="print the README markdown table of a results JSON and exit")
     ap.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     if args.rss_child:
         s, n, p, bk = args.rss_child
         rss_child(s, int(n), p, bk)
@@ -320,7 +322,7 @@ def main() -> None:
     from scproto_scale.data.soma_store import SomaCellStore
     src = prep.loader_source(store)
     src.store = SomaCellStore(soma)
-    res["loader"]["soma"] = loader_rate(store, prep, min(args.steps, 10), source=src, max_s=30)
+    res["loader"]["soma"] = loader_rate(store, prep, min(args.steps, 20), source=src, max_s=30)
     res["loader_soma_cells_per_s"] = res["loader"]["soma"]["anchor_cells_per_s"]
     res["loader"]["tiledbsoma_ml"] = tiledbsoma_ml_rate(soma, args.steps)
     peer = res["loader"]["tiledbsoma_ml"].get("cells_per_s")
@@ -353,6 +355,38 @@ def main() -> None:
                                           "total_s")}))
     if not args.keep:
         shutil.rmtree(work / "cache.soma", ignore_errors=True)
+
+
+def table(res: dict) -> str:
+    """The README table (markdown) of a results JSON."""
+    ld, kn, pc, hv = res["loader"], res["knn"], res["pca"], res["hvg"]
+    peer = ld["tiledbsoma_ml"]
+    rows = [
+        ("loader, anchors/s (× 8 views), zarr training cache, 1 process",
+         f"{res['loader_cells_per_s']:,} ({res['loader_view_cells_per_s']:,} view cells/s)"),
+        ("same loader over the same cells in SOMA", f"{res['loader_soma_cells_per_s']:,}"),
+        ("tiledbsoma-ml `ExperimentDataset`, cells/s (anchors only)",
+         f"{peer['cells_per_s']:,}" if "cells_per_s" in peer else peer.get("skipped", "—")),
+        ("loader ratio (ours / tiledbsoma-ml)", f"{res['loader_ratio']}"),
+        ("peak RSS of a training epoch, GiB (by N)",
+         ", ".join(f"{int(n):,}: {v}" for n, v in res["peak_rss_gib"].items())),
+        (f"KNN recall@{kn['k']} vs exact (10k sample)", f"{kn['recall_at_k_10k_sample']}"),
+        (f"KNN wall, FAISS IVF on {kn['n']:,} cells", f"{kn['faiss_ivf_full_s']} s"),
+        (f"KNN on {kn['peer_subsample']:,} cells: FAISS IVF vs pynndescent",
+         f"{kn['faiss_ivf_subsample_s']} s vs {kn.get('pynndescent_subsample_s', '—')} s "
+         f"(recall {kn['faiss_ivf_subsample_recall']} vs {kn.get('pynndescent_subsample_recall', '—')})"),
+        ("PCA top-50 explained variance vs sklearn (100k subsample), max rel. err",
+         f"{pc['max_rel_err']} (sum {pc['sum_rel_err']}); fit {pc['ours_fit_s']} s"),
+        (f"HVG overlap with scanpy seurat_v3 ({hv['n_subsample']:,}-cell subsample)",
+         f"{hv['overlap']}"),
+        ("prepare, all stages", f"{res['prepare']['seconds']} s"),
+    ]
+    head = (f"{res['n_cells']:,} cells × {res['n_genes']:,} genes, {res['n_studies']} studies "
+            f"(median {res['generate']['median_nnz_per_cell']:.0f} non-zeros per cell); "
+            f"{res['machine']['cores']} cores, {res['machine']['memory_gib']} GiB, "
+            f"GPU: {res['machine']['gpu'] or 'none'}; shared machine\n\n")
+    return head + "| measure | value |\n|---|---:|\n" + "\n".join(
+        f"| {a} | {b} |" for a, b in rows)
 
 
 def extrapolate(res: dict, N: int) -> dict:
