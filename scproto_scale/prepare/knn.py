@@ -24,7 +24,7 @@ def _use_gpu() -> bool:
 
 
 def build_index(X: np.ndarray, method: str = "auto", exact_max_cells: int = 200_000,
-                nprobe: int = 32, hnsw_m: int = 32, ef_search: int = 96, seed: int = 0):
+                nprobe: int = 128, hnsw_m: int = 32, ef_search: int = 96, seed: int = 0):
     """A FAISS index over the rows of ``X`` (already added) and its kind, e.g. ``"ivf2000-gpu"``.
 
     ``method``: ``"flat"`` (exact), ``"ivf"`` (IVF-Flat, ``4·√n`` lists, ``nprobe`` probed),
@@ -61,7 +61,7 @@ def build_index(X: np.ndarray, method: str = "auto", exact_max_cells: int = 200_
 
 
 def knn(
-    X: np.ndarray, k: int = 50, exact_max_cells: int = 200_000, nprobe: int = 32, seed: int = 0,
+    X: np.ndarray, k: int = 50, exact_max_cells: int = 200_000, nprobe: int = 128, seed: int = 0,
     method: str = "auto", out_dir: str | Path | None = None, batch: int = 65_536,
     hnsw_m: int = 32, ef_search: int = 96,
 ) -> tuple[np.ndarray, np.ndarray]:
