@@ -17,8 +17,9 @@ Writes ``benchmarks/results/data_plane[_quick].json`` (and, for the default outp
   views) per store size N (prefixes of the store, each prepared on its own), in a child process.
 * ``knn_recall``: recall@k of the prepared KNN table vs exact search on a 10k sample;
   ``knn_peer``: FAISS vs pynndescent wall time and recall on the same subsample.
-* ``pca_explained_variance_rel_err``: top-50 explained variance of the streaming PCA vs
-  sklearn's in-memory PCA on a 100k subsample (max over components, and of the sum).
+* ``pca_explained_variance_rel_err``: total top-50 explained variance of the streaming PCA
+  (all cells) vs sklearn's in-memory PCA on a 100k subsample; ``pca.max_rel_err`` per
+  component (the trailing, noise-level components differ by the subsample's sampling noise).
 * ``hvg_overlap``: our streaming batch-aware seurat_v3 HVGs (all cells) vs scanpy's
   ``seurat_v3`` with the same batch key on an in-memory subsample.
 * ``machine``: CPU, memory, load; the machine is shared (other engineers' nice'd jobs).
@@ -346,7 +347,8 @@ def main() -> None:
     print("knn", res["knn"], flush=True)
     res["pca"] = pca_check(store, prep, 100_000, args.seed)
     res["pca"]["ours_fit_s"] = prep.meta["stage_seconds"]["pca_fit_s"]
-    res["pca_explained_variance_rel_err"] = res["pca"]["max_rel_err"]
+    # Headline: the top-50 explained variance in total; per component in res["pca"].
+    res["pca_explained_variance_rel_err"] = res["pca"]["sum_rel_err"]
     print("pca", res["pca"], flush=True)
     res["hvg"] = hvg_check(store, prep, 50_000 if args.quick else 100_000, "study", args.seed)
     res["hvg"]["ours_s"] = prep.meta["stage_seconds"]["hvg_s"]
@@ -386,8 +388,8 @@ def table(res: dict) -> str:
         (f"KNN on {kn['peer_subsample']:,} cells: FAISS IVF vs pynndescent",
          f"{kn['faiss_ivf_subsample_s']} s vs {kn.get('pynndescent_subsample_s', '—')} s "
          f"(recall {kn['faiss_ivf_subsample_recall']} vs {kn.get('pynndescent_subsample_recall', '—')})"),
-        ("PCA top-50 explained variance vs sklearn (100k subsample), max rel. err",
-         f"{pc['max_rel_err']} (sum {pc['sum_rel_err']}); fit {pc['ours_fit_s']} s"),
+        ("PCA top-50 explained variance vs sklearn (100k subsample), rel. err of the total",
+         f"{pc['sum_rel_err']} (per component ≤ {pc['max_rel_err']}); fit {pc['ours_fit_s']} s"),
         (f"HVG overlap with scanpy seurat_v3 ({hv['n_subsample']:,}-cell subsample)",
          f"{hv['overlap']}"),
         ("prepare, all stages", f"{res['prepare']['seconds']} s"),

@@ -111,6 +111,15 @@ def _read_spill(directory: Path, n_cols: int, row_lo: int = 0, row_hi: int | Non
     return sp.csr_matrix((data, indices, indptr), shape=(row_hi - row_lo, n_cols)), pos
 
 
+def iter_spill(directory: Path, n_cols: int, chunk_rows: int):
+    """Yield ``(start, stop, X[start:stop])`` over a spill directory's rows, in order."""
+    nnz = np.fromfile(directory / "nnz.bin", dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(nnz)])
+    for a in range(0, len(nnz), chunk_rows):
+        b = min(len(nnz), a + chunk_rows)
+        yield a, b, _read_spill(directory, n_cols, a, b, offsets)[0]
+
+
 def write_training_cache(spill: Path, order: np.ndarray, cells: np.ndarray, genes: list[str],
                          out: Path, partition_rows: int = 100_000,
                          chunk_elems: int = 1 << 16) -> Path:

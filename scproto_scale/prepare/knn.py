@@ -48,7 +48,8 @@ def build_index(X: np.ndarray, method: str = "auto", exact_max_cells: int = 200_
         quantizer = faiss.IndexFlatL2(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist)
         index.cp.seed = seed
-        n_train = min(n, nlist * 256)
+        index.cp.niter = 10  # coarse k-means: 10 iterations on 64 points per list is plenty
+        n_train = min(n, nlist * 64)
         rng = np.random.default_rng(seed)
         index.train(X[np.sort(rng.choice(n, n_train, replace=False))])
         index.nprobe = nprobe

@@ -33,6 +33,7 @@ from scproto_scale.prepare.artefacts import FORMAT_VERSION, Prepared
 from scproto_scale.prepare.cache import (
     CACHE_NAME,
     SpillWriter,
+    iter_spill,
     locality_order,
     write_training_cache,
 )
@@ -172,34 +173,43 @@ def prepare(
     gene_columns = np.flatnonzero(stats["highly_variable"].to_numpy())
     lap("hvg_s")
 
-    def pca_chunks():
-        for rows, X in _kept_chunks(store, cells, cfg.chunk_size):
-            yield log_normalize(X[:, gene_columns], lib[rows])
-
-    model = fit_pca(pca_chunks, n_genes=len(gene_columns), n_pcs=cfg.n_pcs,
-                    method=cfg.pca_method, seed=seed)
-    lap("pca_fit_s")
     use_cache = cfg.training_cache == "on" or (
         cfg.training_cache == "auto" and len(cells) >= cfg.cache_min_cells)
-
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        # Projection pass: PCA scores into a memory map; model-gene counts spilled for the cache.
+        # The PCA fit's first pass also spills the model-gene counts (store order, kept cells):
+        # the projection and the training cache then read the small spill, not the store.
+        spill = SpillWriter(tmp / "spill") if use_cache else None
+        passes = [0]
+
+        def pca_chunks():
+            write = spill is not None and passes[0] == 0
+            passes[0] += 1
+            for rows, X in _kept_chunks(store, cells, cfg.chunk_size):
+                Xg = X[:, gene_columns]
+                if write:
+                    spill.append(Xg)
+                yield log_normalize(Xg, lib[rows])
+            if write:
+                spill.close()
+
+        model = fit_pca(pca_chunks, n_genes=len(gene_columns), n_pcs=cfg.n_pcs,
+                        method=cfg.pca_method, seed=seed)
+        lap("pca_fit_s")
         n, n_pcs = len(cells), len(model.explained_variance)
         scores = np.lib.format.open_memmap(tmp / "pca.npy", "w+", np.float32, (n, n_pcs))
-        spill = SpillWriter(tmp / "spill") if use_cache else None
-        pos = 0
-        for rows, X in _kept_chunks(store, cells, cfg.chunk_size):
-            Xg = X[:, gene_columns]
-            scores[pos:pos + len(rows)] = model.transform(log_normalize(Xg, lib[rows]))
-            if spill is not None:
-                spill.append(Xg)
-            pos += len(rows)
-        scores.flush()
         if spill is not None:
-            spill.close()
+            for a, b, Xg in iter_spill(tmp / "spill", len(gene_columns), cfg.chunk_size):
+                scores[a:b] = model.transform(log_normalize(Xg, lib[cells[a:b]]))
+        else:
+            pos = 0
+            for rows, X in _kept_chunks(store, cells, cfg.chunk_size):
+                scores[pos:pos + len(rows)] = model.transform(
+                    log_normalize(X[:, gene_columns], lib[rows]))
+                pos += len(rows)
+        scores.flush()
         lap("pca_project_s")
         (tmp / "knn").mkdir()
         nn_pos, nn_dist = knn(scores, k=cfg.n_neighbors, exact_max_cells=cfg.exact_knn_max_cells,
