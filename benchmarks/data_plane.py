@@ -290,6 +290,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150,
                     help="loader steps (of 1,024 anchors) timed per peer, first batch included")
     ap.add_argument("--keep", action="store_true", help="keep the generated stores")
+    ap.add_argument("--locked", action="store_true",
+                    help="record that this run holds /work/.bench.lock (flock … --locked)")
     ap.add_argument("--table", type=Path, default=None,
                     help="print the README markdown table of a results JSON and exit")
     ap.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
@@ -311,7 +313,7 @@ def main() -> None:
     t_all = time.perf_counter()
     res: dict = {"mode": "quick" if args.quick else "full", "n_cells": N,
                  "n_genes": args.n_genes, "n_studies": args.n_studies, "seed": args.seed,
-                 "machine": machine()}
+                 "machine": {**machine(), "under_bench_lock": args.locked}}
 
     store_path = work / "atlas.zarr"
     res["generate_reused"] = store_path.exists()
