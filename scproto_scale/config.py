@@ -41,7 +41,17 @@ class PrepareConfig(_Strict):
     exact_knn_max_cells: int = Field(
         200_000, gt=0, description="exact FAISS search up to this many cells, IVF above"
     )
-    ivf_nprobe: int = Field(32, gt=0)
+    ivf_nprobe: int = Field(
+        128, gt=0, description="IVF lists probed (of 4·√n); 128 keeps recall@50 ≳ 0.95")
+    knn_method: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="FAISS index: auto = flat up to exact_knn_max_cells, IVF above")
+    pca_method: Literal["auto", "exact", "randomized"] = Field(
+        "auto", description="auto = exact Gram PCA up to 4,096 genes, randomized above")
+    training_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="write the locality-ordered model-gene cache the loader reads "
+        "(auto: from cache_min_cells kept cells on)")
+    cache_min_cells: int = Field(50_000, gt=0)
+    cache_cluster_cells: int = Field(1_000, gt=0, description="cells per locality cluster")
     chunk_size: int = Field(10_000, gt=0, description="rows per streamed chunk")
 
 

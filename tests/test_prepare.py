@@ -248,7 +248,7 @@ def test_zarr_and_soma_prepare_identical(prepared, prepared_soma):
         a, b = getattr(prepared, name), getattr(prepared_soma, name)
         assert a.dtype == b.dtype and np.array_equal(a, b), name
     assert prepared.gene_stats.equals(prepared_soma.gene_stats)
-    skip = {"store", "runtime_s", "versions"}
+    skip = {"store", "runtime_s", "versions", "stage_seconds"}
     strip = lambda m: {k: v for k, v in m.items() if k not in skip}  # noqa: E731
     assert strip(prepared.meta) == strip(prepared_soma.meta)
 

@@ -2,22 +2,48 @@
 
 For each step: the sampler's anchors, ``V−1`` distinct neighbours per anchor drawn from its KNN
 row (uniform, or ∝ squared distance for parity with the reference code, by Gumbel-top-k), one
-read of the unique rows from the store, gene selection, and tensors shaped ``(V, B, G)``.
-Batches are built in background threads (``prefetch`` ahead); each is a deterministic function
-of (seed, epoch, step, rank), so prefetching never changes results.
+read of the unique rows from the store (sorted, so the zarr store fetches coalesced runs of
+chunks), alignment to the model's gene list (missing genes zero-filled), and tensors shaped
+``(V, B, G)``. Batches are built in background threads (``prefetch`` ahead); each is a
+deterministic function of (seed, epoch, step, rank), so prefetching never changes results, and
+a batch whose worker failed is rebuilt (identically) instead of being skipped: an epoch is never
+silently short. Input errors (:class:`ScprotoInputError`, e.g. a corrupt chunk) are not retried.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from scproto_scale.atlas.genes import align_genes, gene_selector
 from scproto_scale.data.batch import ViewBatch
 from scproto_scale.data.sampler import StepDraw, StudyStratifiedSampler
 from scproto_scale.data.store import CellStore
+from scproto_scale.errors import ScprotoInputError
+
+log = logging.getLogger(__name__)
+
+
+def align_store_genes(store: CellStore, genes: list[str], min_overlap: float = 0.8) -> np.ndarray:
+    """Store columns of the model's genes for :class:`ViewLoader` (−1: missing, zero-filled).
+
+    Args:
+        store: the store to read.
+        genes: the model's gene ids, in model order.
+        min_overlap: refuse below this fraction of model genes present.
+
+    Returns:
+        ``(len(genes),)`` int64 columns.
+
+    Raises:
+        ScprotoInputError: coverage below ``min_overlap``; the message gives the overlap
+            (present / total, percentage) and example missing genes.
+    """
+    return align_genes(store.var_names, genes, min_overlap, source=f"store {store.path}")
 
 
 def draw_neighbours(
@@ -57,12 +83,15 @@ class ViewLoader:
         knn_distances: ``(n, k)`` float32 distances.
         library_size: ``(n_obs,)`` total counts of every store row (all genes).
         condition: ``(n_obs,)`` study code of every store row.
-        gene_columns: ``(G,)`` store columns of the model genes.
+        gene_columns: ``(G,)`` store columns of the model genes, −1 for a model gene the store
+            lacks (zero-filled; see :func:`scproto_scale.atlas.genes.align_genes`, which
+            refuses a store below a coverage threshold).
         sampler: a :class:`StudyStratifiedSampler` over the n training cells.
         n_views: V (anchor + V−1 neighbours).
         neighbor_weighting: ``"uniform"`` or ``"distance"``.
         seed: seeds the neighbour draws.
         prefetch: batches built ahead in background threads (0: synchronous).
+        max_retries: rebuilds of a batch whose build raised (not for input errors).
     """
 
     def __init__(
@@ -70,12 +99,22 @@ class ViewLoader:
         knn_distances: np.ndarray, library_size: np.ndarray, condition: np.ndarray,
         gene_columns: np.ndarray, sampler: StudyStratifiedSampler, n_views: int = 8,
         neighbor_weighting: str = "uniform", seed: int = 0, prefetch: int = 2,
+        max_retries: int = 2,
     ):
         self.store, self.cells = store, np.asarray(cells)
         self.knn_indices, self.knn_distances = knn_indices, knn_distances
         self.library_size = np.asarray(library_size, dtype=np.float32)
         self.condition = np.asarray(condition, dtype=np.int64)
         self.gene_columns = np.asarray(gene_columns, dtype=np.int64)
+        # Identity (a training cache already in model gene order), a column subset, or a
+        # zero-filling selector when some model genes are missing from the store.
+        if np.array_equal(self.gene_columns, np.arange(store.n_vars)):
+            self._genes = None
+        elif (self.gene_columns >= 0).all():
+            self._genes = self.gene_columns
+        else:
+            self._genes = gene_selector(self.gene_columns, store.n_vars)
+        self.max_retries = max_retries
         self.sampler, self.n_views = sampler, n_views
         self.neighbor_weighting, self.seed, self.prefetch = neighbor_weighting, seed, prefetch
 
@@ -91,7 +130,12 @@ class ViewLoader:
             self.n_views - 1, self.neighbor_weighting, rng,
         )
         rows = np.concatenate([self.cells[pos], nbrs.T.reshape(-1)]).astype(np.int64)
-        X = self.store.read_rows_unsorted(rows)[:, self.gene_columns].toarray()
+        X = self.store.read_rows_unsorted(rows)
+        if isinstance(self._genes, np.ndarray):
+            X = X[:, self._genes]
+        elif self._genes is not None:
+            X = X @ self._genes
+        X = X.toarray()
         V, B = self.n_views, len(pos)
         return ViewBatch(
             counts=torch.from_numpy(X.reshape(V, B, -1)),
@@ -107,12 +151,30 @@ class ViewLoader:
         steps = range(start_step, len(draws))
         if self.prefetch <= 0:
             for s in steps:
-                yield self.build(draws[s], epoch, s)
+                yield self._rebuild(draws[s], epoch, s, None)
             return
         with ThreadPoolExecutor(max_workers=self.prefetch) as pool:
-            futures = {}
+            futures: dict[int, Future] = {}
             for s in steps:
                 for ahead in range(s, min(s + self.prefetch + 1, len(draws))):
                     if ahead not in futures:
                         futures[ahead] = pool.submit(self.build, draws[ahead], epoch, ahead)
-                yield futures.pop(s).result()
+                yield self._rebuild(draws[s], epoch, s, futures.pop(s))
+
+    def _rebuild(self, draw: StepDraw, epoch: int, step: int, future: Future | None) -> ViewBatch:
+        """The batch of a step: the worker's result, or rebuilt when the worker failed."""
+        last: BaseException | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                if attempt == 0 and future is not None:
+                    return future.result()
+                return self.build(draw, epoch, step)
+            except ScprotoInputError:
+                raise
+            except Exception as exc:
+                last = exc
+                log.warning("loader: building step %d of epoch %d failed (%s: %s); rebuilding",
+                            step, epoch, type(exc).__name__, exc)
+        raise RuntimeError(f"loader: step {step} of epoch {epoch} failed "
+                           f"{self.max_retries + 1} times; stopping rather than shortening the "
+                           "epoch") from last

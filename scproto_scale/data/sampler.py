@@ -87,11 +87,19 @@ class StudyStratifiedSampler:
         alpha: groups are included (and filled) ∝ size^alpha.
         seed: base seed.
         rank, world_size: this worker and the number of workers.
+        block_size: chunk-level shuffle (``None``: every group walks a uniform permutation of
+            its cells). With a block size, a group's cells (in position order, i.e. the
+            locality order of the training cache) are cut into blocks of ``block_size``
+            consecutive cells, the blocks are permuted, and cells are shuffled within windows
+            of ``shuffle_blocks`` blocks (a shuffle buffer, as tiledbsoma-ml does): each step
+            reads few cache chunks, and every cell is still visited once per cycle.
+        shuffle_blocks: blocks per shuffle window.
     """
 
     def __init__(
         self, groups: np.ndarray, batch_size: int, min_cells_per_group: int = 128,
         alpha: float = 1.0, seed: int = 0, rank: int = 0, world_size: int = 1,
+        block_size: int | None = None, shuffle_blocks: int = 4,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
@@ -101,6 +109,9 @@ class StudyStratifiedSampler:
         self.sizes = np.array([len(m) for m in self.members], dtype=np.float64)
         self.batch_size, self.alpha, self.seed = batch_size, alpha, seed
         self.rank, self.world_size = rank, world_size
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be ≥ 1, got {block_size}")
+        self.block_size, self.shuffle_blocks = block_size, max(1, shuffle_blocks)
         global_batch = batch_size * world_size
         # Per-group minimum, rounded up to a multiple of the world size.
         self.min_global = math.ceil(min_cells_per_group / world_size) * world_size
@@ -157,6 +168,24 @@ class StudyStratifiedSampler:
                                   [int(g) for g in chosen]))
         return steps
 
+    def _permutation(self, g: int, rng: np.random.Generator) -> np.ndarray:
+        """One cycle's order of group g: a uniform permutation, or the chunk-level shuffle."""
+        members = self.members[g]
+        if self.block_size is None or len(members) <= self.block_size:
+            return rng.permutation(members)
+        n_blocks = math.ceil(len(members) / self.block_size)
+        blocks = rng.permutation(n_blocks)
+        starts = blocks * self.block_size
+        lengths = np.minimum(starts + self.block_size, len(members)) - starts
+        # positions of the permuted blocks, concatenated
+        idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        idx += np.arange(len(members))
+        order = members[idx]
+        window = self.block_size * self.shuffle_blocks
+        for a in range(0, len(order), window):
+            order[a:a + window] = rng.permutation(order[a:a + window])
+        return order
+
     def _take(self, g: int, m: int, cursors: np.ndarray, orders: list[list[np.ndarray]],
               epoch: int) -> np.ndarray:
         """Next ``m`` cells of group g's permutation stream (a fresh permutation per cycle)."""
@@ -164,7 +193,7 @@ class StudyStratifiedSampler:
         while m > 0:
             cycle, pos = divmod(int(cursors[g]), len(self.members[g]))
             while len(orders[g]) <= cycle:
-                perm = self._rng(epoch, g, len(orders[g])).permutation(self.members[g])
+                perm = self._permutation(g, self._rng(epoch, g, len(orders[g])))
                 if out:  # cells already drawn in this step go last: no repeats within a step
                     taken = np.isin(perm, np.concatenate(out))
                     perm = np.concatenate([perm[~taken], perm[taken]])

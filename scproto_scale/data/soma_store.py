@@ -29,9 +29,15 @@ class SomaCellStore(CellStore):
         layer: X layer with raw counts (Census: ``"raw"``).
         var_id_column: var column holding the gene ids (``"var_id"`` as written by
             ``tiledbsoma.io.from_h5ad``; Census: ``"feature_id"``).
+        obs_value_filter: a SOMA ``value_filter`` on obs (e.g. ``"is_primary_data == True and
+            tissue == 'blood'"``): the store's rows are the matching cells only, as in a Census
+            ``axis_query``.
+        genes: keep only these gene ids, in this order (a Census ``var_query`` by
+            ``feature_id``); ids the experiment lacks are an error naming them.
 
     Raises:
-        ScprotoInputError: unknown measurement, layer or var column; duplicate gene ids.
+        ScprotoInputError: unknown measurement, layer or var column; duplicate gene ids; a
+            filter that matches no cell or is invalid; unknown genes.
     """
 
     def __init__(
@@ -40,6 +46,8 @@ class SomaCellStore(CellStore):
         measurement: str = "RNA",
         layer: str = "raw",
         var_id_column: str | None = None,
+        obs_value_filter: str | None = None,
+        genes: list[str] | None = None,
     ):
         self.path = Path(path)
         self._exp = tiledbsoma.Experiment.open(str(self.path))
@@ -65,14 +73,29 @@ class SomaCellStore(CellStore):
             )
         var.index = pd.Index(var[var_id_column].astype(str).to_numpy(), name=None)
         check_unique_genes(var.index, f"SOMA experiment {self.path} (var[{var_id_column!r}])")
+        if genes is not None:
+            missing = pd.Index(genes).difference(var.index)
+            if len(missing):
+                raise ScprotoInputError(
+                    f"SOMA experiment {self.path}: {len(missing)} of {len(genes)} requested genes "
+                    f"not in var[{var_id_column!r}], e.g. {list(missing[:5])}")
+            var = var.loc[list(genes)]
         self._var = var
         # Map var soma_joinid → column position (joinids need not be 0..n-1).
         var_joinids = var["soma_joinid"].to_numpy()
         self._var_pos = np.full(int(var_joinids.max()) + 1, -1, dtype=np.int64)
         self._var_pos[var_joinids] = np.arange(len(var_joinids))
-        self._obs_joinids = np.sort(
-            self._exp.obs.read(column_names=["soma_joinid"]).concat()["soma_joinid"].to_numpy()
-        )
+        self._var_coords = np.sort(var_joinids) if genes is not None else slice(None)
+        try:
+            obs = self._exp.obs.read(column_names=["soma_joinid"], value_filter=obs_value_filter)
+            self._obs_joinids = np.sort(obs.concat()["soma_joinid"].to_numpy())
+        except Exception as exc:  # tiledbsoma raises its own error types for bad filters
+            raise ScprotoInputError(
+                f"SOMA experiment {self.path}: invalid obs value_filter {obs_value_filter!r}: "
+                f"{exc}") from exc
+        if len(self._obs_joinids) == 0:
+            raise ScprotoInputError(
+                f"SOMA experiment {self.path}: obs value_filter {obs_value_filter!r} matches no cell")
         self._obs_schema = [f.name for f in self._exp.obs.schema]
         self._lock = threading.Lock()
 
@@ -107,7 +130,7 @@ class SomaCellStore(CellStore):
         contiguous = joinids[-1] - joinids[0] + 1 == len(joinids)
         coords = slice(int(joinids[0]), int(joinids[-1])) if contiguous else joinids
         with self._lock:  # one reader at a time on the shared handle (loader threads)
-            tbl = self._X.read(coords=(coords, slice(None))).tables().concat()
+            tbl = self._X.read(coords=(coords, self._var_coords)).tables().concat()
         obs_j = tbl["soma_dim_0"].to_numpy()
         var_j = tbl["soma_dim_1"].to_numpy()
         vals = tbl["soma_data"].to_numpy().astype(np.float32, copy=False)

@@ -96,6 +96,42 @@ class CellStore(abc.ABC):
         return self.read_rows(uniq)[inverse]
 
 
+class PrefixStore(CellStore):
+    """The first ``n`` rows of another store, as a store (e.g. a 100k-cell slice of an atlas).
+
+    Args:
+        base: the store.
+        n: rows kept (``0 < n ≤ base.n_obs``).
+    """
+
+    def __init__(self, base: CellStore, n: int):
+        if not 0 < n <= base.n_obs:
+            raise ScprotoInputError(f"prefix of {n} rows out of range for {base.path} "
+                                    f"({base.n_obs} rows)")
+        self.base, self._n = base, int(n)
+        self.path = Path(f"{base.path}[:{n}]")
+
+    @property
+    def n_obs(self) -> int:
+        return self._n
+
+    @property
+    def var(self) -> pd.DataFrame:
+        return self.base.var
+
+    def obs_columns(self) -> list[str]:
+        return self.base.obs_columns()
+
+    def _read_obs_column(self, key: str) -> pd.Series:
+        return self.base.obs_column(key).iloc[: self._n].reset_index(drop=True)
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and rows[-1] >= self._n:
+            raise IndexError(f"row index out of range [0, {self._n}) in {self.path}")
+        return self.base.read_rows(rows)
+
+
 def detect_format(path: str | Path) -> str:
     """Return ``"zarr"``, ``"soma"`` or ``"h5ad"`` for a path, from its layout on disk.
 

@@ -10,6 +10,13 @@ Layout of a prepare directory::
     pca.npy             (n, n_pcs) float32 PCA of the kept cells
     knn_indices.npy     (n, k) int32 store rows of each kept cell's neighbours
     knn_distances.npy   (n, k) float32 Euclidean distances in PCA space
+
+and, when prepare wrote a training cache (:mod:`scproto_scale.prepare.cache`)::
+
+    train_cache.zarr         (n, G) model-gene counts of the kept cells, locality-ordered
+    cache_rows.npy           (n,) int64 store row of each cache row
+    cache_knn_indices.npy    (n, k) int32 neighbours as cache rows
+    cache_knn_distances.npy  (n, k) float32
 """
 
 from __future__ import annotations
@@ -39,6 +46,39 @@ class Prepared:
     pca: np.ndarray
     knn_indices: np.ndarray
     knn_distances: np.ndarray
+
+    @property
+    def has_cache(self) -> bool:
+        """Whether a training cache was written."""
+        return (self.path / "train_cache.zarr").exists() and bool(self.meta.get("training_cache"))
+
+    def loader_source(self, store, cache_block: int = 64):
+        """What the training loader reads: the cache when there is one, else the store.
+
+        Args:
+            store: the raw store the artefacts were made from.
+            cache_block: chunk-level shuffle block (cells) over the cache.
+
+        Returns:
+            :class:`scproto_scale.prepare.cache.LoaderSource`.
+        """
+        from scproto_scale.data.zarr_store import ZarrCellStore
+        from scproto_scale.prepare.cache import LoaderSource
+
+        cells = np.asarray(self.cells)
+        if not self.has_cache:
+            return LoaderSource(store, cells, np.asarray(self.study_codes)[cells],
+                                self.knn_indices, self.knn_distances, self.library_size,
+                                self.study_codes, self.gene_columns)
+        rows = np.load(self.path / "cache_rows.npy")
+        cache = ZarrCellStore(self.path / "train_cache.zarr")
+        study = np.asarray(self.study_codes)[rows]
+        return LoaderSource(
+            cache, np.arange(len(rows)), study,
+            np.load(self.path / "cache_knn_indices.npy", mmap_mode="r"),
+            np.load(self.path / "cache_knn_distances.npy", mmap_mode="r"),
+            np.asarray(self.library_size)[rows], study, np.arange(cache.n_vars),
+            block_size=cache_block)
 
     @property
     def genes(self) -> list[str]:

@@ -1,13 +1,17 @@
-"""K nearest neighbours with FAISS: exact (flat L2) for small sets, IVF-Flat above a threshold.
+"""K nearest neighbours with FAISS: exact (flat L2) for small sets, IVF-Flat or HNSW above.
 
-The backend is chosen at run time: ``faiss`` GPU resources when a GPU build is present, the CPU
-index otherwise. Self-matches are removed; the table is int32 ``[n, k]`` of row positions.
+The backend is chosen at run time: ``faiss`` GPU resources when a GPU build is present (flat
+and IVF; FAISS has no GPU HNSW), the CPU index otherwise. Queries run in batches so the int64
+results FAISS returns never exist for all cells at once; self-matches are removed; the table is
+int32 ``[n, k]`` of row positions, optionally written straight into ``.npy`` memory maps.
+:func:`knn_recall` checks an approximate table against exact search on a sample.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -19,55 +23,131 @@ def _use_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def build_index(X: np.ndarray, method: str = "auto", exact_max_cells: int = 200_000,
+                nprobe: int = 128, hnsw_m: int = 32, ef_search: int = 96, seed: int = 0):
+    """A FAISS index over the rows of ``X`` (already added) and its kind, e.g. ``"ivf2000-gpu"``.
+
+    ``method``: ``"flat"`` (exact), ``"ivf"`` (IVF-Flat, ``4·√n`` lists, ``nprobe`` probed),
+    ``"hnsw"`` (HNSW-Flat, ``M = hnsw_m``, ``efSearch = ef_search``; CPU only) or ``"auto"``
+    (flat up to ``exact_max_cells`` rows, IVF above).
+    """
+    if method not in ("auto", "flat", "ivf", "hnsw"):
+        raise ValueError(f"unknown KNN method {method!r}; use auto, flat, ivf or hnsw")
+    n, d = X.shape
+    if method == "auto":
+        method = "flat" if n <= exact_max_cells else "ivf"
+    if method == "flat":
+        index, kind = faiss.IndexFlatL2(d), "flat"
+    elif method == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m)
+        index.hnsw.efConstruction = max(40, 2 * hnsw_m)
+        index.hnsw.efSearch = ef_search
+        kind = f"hnsw{hnsw_m}"
+    else:
+        nlist = int(min(65536, max(16, 4 * math.sqrt(n))))
+        quantizer = faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist)
+        index.cp.seed = seed
+        index.cp.niter = 10  # coarse k-means: 10 iterations on 64 points per list is plenty
+        n_train = min(n, nlist * 64)
+        rng = np.random.default_rng(seed)
+        index.train(X[np.sort(rng.choice(n, n_train, replace=False))])
+        index.nprobe = nprobe
+        kind = f"ivf{nlist}"
+    if _use_gpu() and method != "hnsw":
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        kind += "-gpu"
+    index.add(X)
+    return index, kind
+
+
 def knn(
-    X: np.ndarray, k: int = 50, exact_max_cells: int = 200_000, nprobe: int = 32, seed: int = 0,
+    X: np.ndarray, k: int = 50, exact_max_cells: int = 200_000, nprobe: int = 128, seed: int = 0,
+    method: str = "auto", out_dir: str | Path | None = None, batch: int = 65_536,
+    hnsw_m: int = 32, ef_search: int = 96,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Self-KNN graph of the rows of ``X`` (Euclidean).
 
     Args:
         X: ``(n, d)`` float32 (e.g. 50 PCs).
         k: neighbours per cell, excluding the cell itself.
-        exact_max_cells: use an exact flat index up to this many rows, IVF-Flat above.
+        exact_max_cells: ``method="auto"`` uses an exact flat index up to this many rows, IVF above.
         nprobe: IVF lists probed per query.
         seed: seed of the IVF k-means.
+        method: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"hnsw"`` (see :func:`build_index`).
+        out_dir: write ``knn_indices.npy`` / ``knn_distances.npy`` there as memory maps
+            (filled batch by batch) and return them memory-mapped; ``None``: in memory.
+        batch: queries per FAISS search call.
+        hnsw_m, ef_search: HNSW graph degree and search breadth.
 
     Returns:
         ``indices (n, k) int32`` (row positions, nearest first) and
         ``distances (n, k) float32`` (Euclidean, not squared).
 
     Raises:
-        ValueError: if ``n <= k``.
+        ValueError: if ``n <= k`` or the method is unknown.
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
-    n, d = X.shape
+    n, _ = X.shape
     if n <= k:
         raise ValueError(f"KNN with k={k} needs more than {k} cells, got {n}")
-    if n <= exact_max_cells:
-        index = faiss.IndexFlatL2(d)
-        kind = "flat"
+    index, kind = build_index(X, method, exact_max_cells, nprobe, hnsw_m, ef_search, seed)
+    if out_dir is None:
+        idx_out = np.empty((n, k), dtype=np.int32)
+        dist_out = np.empty((n, k), dtype=np.float32)
     else:
-        nlist = int(min(65536, max(16, 4 * math.sqrt(n))))
-        quantizer = faiss.IndexFlatL2(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist)
-        index.cp.seed = seed
-        n_train = min(n, nlist * 256)
-        rng = np.random.default_rng(seed)
-        index.train(X[np.sort(rng.choice(n, n_train, replace=False))])
-        index.nprobe = nprobe
-        kind = f"ivf{nlist}"
-    if _use_gpu():
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        kind += "-gpu"
-    index.add(X)
-    dist, idx = index.search(X, k + 1)
+        out_dir = Path(out_dir)
+        idx_out = np.lib.format.open_memmap(out_dir / "knn_indices.npy", "w+", np.int32, (n, k))
+        dist_out = np.lib.format.open_memmap(out_dir / "knn_distances.npy", "w+", np.float32,
+                                             (n, k))
+    for a in range(0, n, batch):
+        b = min(n, a + batch)
+        dist, idx = index.search(X[a:b], k + 1)
+        idx_out[a:b], dist_out[a:b] = _drop_self(idx, dist, k, offset=a)
+    if out_dir is not None:
+        idx_out.flush()
+        dist_out.flush()
     log.info("knn: %s index, n=%d, k=%d", kind, n, k)
-    return _drop_self(idx, dist, k)
+    return idx_out, dist_out
 
 
-def _drop_self(idx: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each row's own index (or the last column when self was not returned)."""
+def knn_recall(X: np.ndarray, indices: np.ndarray, n_sample: int = 10_000, seed: int = 0,
+               batch: int = 2_048) -> float:
+    """Recall@k of a KNN table against exact (flat L2) search, on a random sample of rows.
+
+    Args:
+        X: ``(n, d)`` float32, the points the table was built on.
+        indices: ``(n, k)`` int neighbour table (self excluded).
+        n_sample: rows checked (exact search of each against all ``n`` rows).
+        seed: seed of the sample.
+
+    Returns:
+        Mean over the sample of ``|approx ∩ exact| / k``.
+    """
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n, k = indices.shape
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n_sample, n), replace=False))
+    flat = faiss.IndexFlatL2(X.shape[1])
+    flat.add(X)
+    hits = 0
+    for a in range(0, len(rows), batch):
+        q = rows[a:a + batch]
+        dist, idx = flat.search(X[q], k + 1)
+        exact, _ = _drop_self(idx, dist, k, offset=0, self_rows=q)
+        approx = np.asarray(indices[q])
+        hits += sum(len(np.intersect1d(e, r)) for e, r in zip(exact, approx, strict=True))
+    return hits / (len(rows) * k)
+
+
+def _drop_self(idx: np.ndarray, dist: np.ndarray, k: int, offset: int = 0,
+               self_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own index (or the last column when self was not returned).
+
+    The query rows are ``offset + arange(len(idx))`` unless ``self_rows`` gives them.
+    """
     n = idx.shape[0]
-    is_self = idx == np.arange(n)[:, None]
+    me = np.arange(offset, offset + n) if self_rows is None else np.asarray(self_rows)
+    is_self = idx == me[:, None]
     # Rows without a self hit (duplicates, approximate search) drop their farthest neighbour.
     no_self = ~is_self.any(axis=1)
     is_self[no_self, -1] = True

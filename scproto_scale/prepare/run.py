@@ -3,9 +3,11 @@
 Passes over the store (each streams row chunks, memory bounded by one chunk):
 1. library sizes, count validation, study codes;
 2–3. seurat_v3 HVG statistics (batch-aware; two passes);
-4. PCA Gram matrix; 5. PCA projection; then FAISS KNN on the scores.
-Cells with zero counts are dropped from training and reported. Everything is written to a
-temporary directory and renamed when complete.
+4. PCA fit (exact Gram matrix over the HVGs, or randomized subspace iteration: more passes);
+5. PCA projection into a memory map, spilling the model-gene counts for the training cache;
+then FAISS KNN on the scores (int32 memory maps) and, for large stores, the locality-ordered
+training cache (:mod:`scproto_scale.prepare.cache`). Cells with zero counts are dropped from
+training and reported. Everything is written to a temporary directory and renamed when complete.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from scproto_scale.data.store import CellStore
 from scproto_scale.data.validate import check_count_chunk
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.prepare.artefacts import FORMAT_VERSION, Prepared
+from scproto_scale.prepare.cache import (
+    CACHE_NAME,
+    SpillWriter,
+    iter_spill,
+    locality_order,
+    write_training_cache,
+)
 from scproto_scale.prepare.hvg import highly_variable_genes_seurat_v3
 from scproto_scale.prepare.knn import knn
 from scproto_scale.prepare.normalize import log_normalize
@@ -111,7 +120,17 @@ def prepare(
     t0 = time.perf_counter()
     codes, studies = study_codes_of(store, batch_key)
 
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        timings[name] = round(now - tick, 2)
+        tick = now
+
     lib = _scan_library_sizes(store, cfg.chunk_size, require_integer)
+    lap("library_s")
     zero = np.flatnonzero(lib <= 0)
     if len(zero):
         warnings.warn(
@@ -152,25 +171,82 @@ def prepare(
     )
     stats.index = store.var_names
     gene_columns = np.flatnonzero(stats["highly_variable"].to_numpy())
+    lap("hvg_s")
 
-    def pca_chunks():
-        for rows, X in _kept_chunks(store, cells, cfg.chunk_size):
-            yield log_normalize(X[:, gene_columns], lib[rows])
-
-    model = fit_pca(pca_chunks, n_genes=len(gene_columns), n_pcs=cfg.n_pcs)
-    scores = np.concatenate([model.transform(X) for X in pca_chunks()])
-    nn_idx, nn_dist = knn(scores, k=cfg.n_neighbors, exact_max_cells=cfg.exact_knn_max_cells,
-                          nprobe=cfg.ivf_nprobe, seed=seed)
-    nn_rows = cells[nn_idx].astype(np.int32)
-
+    use_cache = cfg.training_cache == "on" or (
+        cfg.training_cache == "auto" and len(cells) >= cfg.cache_min_cells)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for name, a in [("library_size", lib), ("study_codes", codes), ("cells", cells),
-                        ("pca", scores), ("knn_indices", nn_rows),
-                        ("knn_distances", nn_dist)]:
-            np.save(tmp / f"{name}.npy", a)
+        # The PCA fit's first pass also spills the model-gene counts (store order, kept cells):
+        # the projection and the training cache then read the small spill, not the store.
+        spill = SpillWriter(tmp / "spill") if use_cache else None
+        passes = [0]
+
+        def pca_chunks():
+            write = spill is not None and passes[0] == 0
+            passes[0] += 1
+            for rows, X in _kept_chunks(store, cells, cfg.chunk_size):
+                Xg = X[:, gene_columns]
+                if write:
+                    spill.append(Xg)
+                yield log_normalize(Xg, lib[rows])
+            if write:
+                spill.close()
+
+        model = fit_pca(pca_chunks, n_genes=len(gene_columns), n_pcs=cfg.n_pcs,
+                        method=cfg.pca_method, seed=seed)
+        lap("pca_fit_s")
+        n, n_pcs = len(cells), len(model.explained_variance)
+        scores = np.lib.format.open_memmap(tmp / "pca.npy", "w+", np.float32, (n, n_pcs))
+        if spill is not None:
+            for a, b, Xg in iter_spill(tmp / "spill", len(gene_columns), cfg.chunk_size):
+                scores[a:b] = model.transform(log_normalize(Xg, lib[cells[a:b]]))
+        else:
+            pos = 0
+            for rows, X in _kept_chunks(store, cells, cfg.chunk_size):
+                scores[pos:pos + len(rows)] = model.transform(
+                    log_normalize(X[:, gene_columns], lib[rows]))
+                pos += len(rows)
+        scores.flush()
+        lap("pca_project_s")
+        (tmp / "knn").mkdir()
+        nn_pos, nn_dist = knn(scores, k=cfg.n_neighbors, exact_max_cells=cfg.exact_knn_max_cells,
+                              nprobe=cfg.ivf_nprobe, seed=seed, method=cfg.knn_method,
+                              out_dir=tmp / "knn")
+        nn_rows = np.lib.format.open_memmap(tmp / "knn_indices.npy", "w+", np.int32,
+                                            nn_pos.shape)
+        for a in range(0, n, 65_536):
+            nn_rows[a:a + 65_536] = cells[nn_pos[a:a + 65_536]]
+        nn_rows.flush()
+        os.replace(tmp / "knn" / "knn_distances.npy", tmp / "knn_distances.npy")
+        lap("knn_s")
+        if use_cache:
+            order = locality_order(scores, cfg.cache_cluster_cells, seed)
+            write_training_cache(tmp / "spill", order, cells,
+                                 [str(g) for g in store.var_names[gene_columns]],
+                                 tmp / CACHE_NAME)
+            new_pos = np.empty(n, dtype=np.int64)
+            new_pos[order] = np.arange(n)
+            np.save(tmp / "cache_rows.npy", cells[order])
+            ck = np.lib.format.open_memmap(tmp / "cache_knn_indices.npy", "w+", np.int32,
+                                           nn_pos.shape)
+            cd = np.lib.format.open_memmap(tmp / "cache_knn_distances.npy", "w+", np.float32,
+                                           nn_pos.shape)
+            for a in range(0, n, 65_536):
+                sel = order[a:a + 65_536]
+                ck[a:a + len(sel)] = new_pos[nn_pos[sel]]
+                cd[a:a + len(sel)] = nn_dist[sel]
+            ck.flush()
+            cd.flush()
+            del ck, cd
+            shutil.rmtree(tmp / "spill")
+            lap("cache_s")
+        del nn_pos, nn_dist, nn_rows, scores
+        shutil.rmtree(tmp / "knn")
+        for name, arr in [("library_size", lib), ("study_codes", codes), ("cells", cells)]:
+            np.save(tmp / f"{name}.npy", arr)
         stats.to_csv(tmp / "gene_stats.csv")
         meta = {
             "format_version": FORMAT_VERSION,
@@ -184,6 +260,8 @@ def prepare(
             "gene_columns": gene_columns.tolist(),
             "pca_explained_variance": model.explained_variance.tolist(),
             "median_library_size": float(np.median(lib[cells])),
+            "training_cache": use_cache,
+            "stage_seconds": timings,
             "config": cfg.model_dump(),
             "seed": seed,
             "versions": versions(),

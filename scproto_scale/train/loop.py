@@ -85,22 +85,22 @@ def build_loader(
     world_size: int = 1,
 ) -> tuple[ViewLoader, list[str]]:
     """Sampler (study-stratified; small studies merged or dropped) and loader over the store."""
-    cells = np.asarray(prepared.cells)
-    study = np.asarray(prepared.study_codes)[cells]
-    groups, names = merge_small_studies(study, prepared.studies, cfg.min_cells_per_study,
+    src = prepared.loader_source(store)  # the locality-ordered training cache, if prepared
+    groups, names = merge_small_studies(src.study, prepared.studies, cfg.min_cells_per_study,
                                         cfg.small_studies)
     if cfg.n_views - 1 > prepared.knn_indices.shape[1]:
         raise ScprotoInputError(
             f"train.n_views={cfg.n_views} needs ≥ {cfg.n_views - 1} neighbours; the KNN table "
             f"has {prepared.knn_indices.shape[1]} (prepare.n_neighbors)")
     sampler = StudyStratifiedSampler(groups, cfg.batch_size, cfg.min_cells_per_study,
-                                     cfg.study_alpha, seed, rank, world_size)
+                                     cfg.study_alpha, seed, rank, world_size,
+                                     block_size=src.block_size)
     prefetch = cfg.prefetch
     if prefetch is None:  # on two cores a loader thread slows the torch step more than it saves
         prefetch = 0 if (os.cpu_count() or 1) <= 2 else 2
     loader = ViewLoader(
-        store, cells, prepared.knn_indices, prepared.knn_distances, prepared.library_size,
-        prepared.study_codes, prepared.gene_columns, sampler, cfg.n_views,
+        src.store, src.cells, src.knn_indices, src.knn_distances, src.library_size,
+        src.condition, src.gene_columns, sampler, cfg.n_views,
         cfg.neighbor_weighting, seed, prefetch=prefetch,
     )
     return loader, names
