@@ -24,6 +24,7 @@ from scproto_scale.atlas.atlas import Embedding, PrototypeAtlas
 from scproto_scale.config import RunConfig
 from scproto_scale.data.ingest import ingest
 from scproto_scale.data.store import CellStore, detect_format, open_store
+from scproto_scale.data.writers import write_h5ad_atomic
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.evaluate.metacells import metacell_quality
 from scproto_scale.evaluate.report import plot_umap, write_json, write_markdown
@@ -93,9 +94,7 @@ def export_atlas(store: CellStore, prepared: Prepared, model, cfg: RunConfig, ou
     cells_ad = ad.AnnData(obs=obs, obsm={"X_scproto": kept.X_scproto,
                                          "X_pca_unintegrated": np.asarray(prepared.pca)})
     cells_ad.obs["store_row"] = cells
-    tmp = out / f".embeddings.h5ad.tmp-{os.getpid()}"
-    cells_ad.write_h5ad(tmp)
-    os.replace(tmp, out / "embeddings.h5ad")
+    write_h5ad_atomic(cells_ad, out / "embeddings.h5ad")
     return atlas, metacells, cells_ad
 
 

@@ -156,6 +156,7 @@ def embed(
 
     from scproto_scale.atlas.atlas import PrototypeAtlas
     from scproto_scale.data.store import detect_format, open_store
+    from scproto_scale.data.writers import write_h5ad_atomic
 
     try:
         a = PrototypeAtlas.load(atlas)
@@ -169,9 +170,7 @@ def embed(
             adata.obsm["X_scproto"] = e.X_scproto
             adata.obs["scproto_prototype"] = e.prototype
             adata.obs["scproto_confidence"] = e.confidence
-        tmp = out.with_name(f".{out.name}.tmp")
-        adata.write_h5ad(tmp)
-        tmp.replace(out)
+        write_h5ad_atomic(adata, out)
     except ScprotoInputError as e:
         _fail(e)
     console.print(f"wrote {out}")
@@ -215,6 +214,7 @@ def annotate(
 
     from scproto_scale.companion.annotate import Annotator
     from scproto_scale.config import AnnotateHeadConfig
+    from scproto_scale.data.writers import write_h5ad_atomic
 
     try:
         try:
@@ -236,9 +236,7 @@ def annotate(
         qry.obs["annotation_confidence"] = proba.max(1)
         if label_key in qry.obs.columns:
             console.print(ann.score(np.asarray(qry.obsm[embedding]), qry.obs[label_key].to_numpy()))
-        tmp = out.with_name(f".{out.name}.tmp")
-        qry.write_h5ad(tmp)
-        tmp.replace(out)
+        write_h5ad_atomic(qry, out)
     except ScprotoInputError as e:
         _fail(e)
     console.print(f"wrote {out}")

@@ -44,7 +44,6 @@ Cells are grouped by study (study 0 first), in random order within a study.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from scproto_scale.data.writers import write_h5ad_atomic
 
 __all__ = ["simulate_atlas", "write_simulated_atlas"]
 
@@ -436,13 +437,4 @@ def write_simulated_atlas(path: str | Path, **kwargs: Any) -> Path:
     path = Path(path)
     if path.suffix != ".h5ad":
         raise ValueError(f"path must end in .h5ad, got {str(path)!r}")
-    adata = simulate_atlas(**kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.h5ad")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_h5ad_atomic(simulate_atlas(**kwargs), path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -70,14 +71,14 @@ def job(tiny_h5ad, tmp_path_factory) -> TrainJob:
 
 def _train_rank(job: TrainJob, overrides: dict | None = None) -> dict:
     if overrides and dist.rank() in overrides:
-        job = TrainJob(**{**job.__dict__, **overrides[dist.rank()]})
+        job = dataclasses.replace(job, **overrides[dist.rank()])
     res = run_worker(job)
     return {"params": {k: v.clone() for k, v in res.model.state_dict().items()},
             "history": res.history}
 
 
 def test_ddp_ranks_end_with_identical_parameters_and_one_checkpoint(job, tmp_path):
-    job = TrainJob(**{**job.__dict__, "checkpoint_dir": str(tmp_path)})
+    job = dataclasses.replace(job, checkpoint_dir=str(tmp_path))
     r0, r1 = run_ranks(_train_rank, 2, job)
     for k, v in r0["params"].items():
         assert torch.equal(v, r1["params"][k]), k
@@ -89,7 +90,7 @@ def test_ddp_ranks_end_with_identical_parameters_and_one_checkpoint(job, tmp_pat
 def test_workers_that_disagree_fail_fast_on_every_rank(job, tmp_path):
     bad = {1: {"model": MODEL.model_copy(update={"n_prototypes": 21}),
                "checkpoint_dir": str(tmp_path)}}
-    job = TrainJob(**{**job.__dict__, "checkpoint_dir": str(tmp_path)})
+    job = dataclasses.replace(job, checkpoint_dir=str(tmp_path))
     errors = run_ranks(_train_rank, 2, job, bad, raise_errors=False, timeout_s=30)
     for e in errors:
         assert e.kind == "ScprotoInputError" and "disagree on 'model config'" in e.message
@@ -103,11 +104,11 @@ def test_ray_restarts_a_killed_worker_and_matches_an_uninterrupted_run(job, tmp_
     cfg = DistributedConfig(workers=2, max_failures=1, cpus_per_worker=1, timeout_s=120)
     train_cfg = TRAIN.model_copy(update={"checkpoint_every_steps": 2})
     marker = tmp_path / "fault_fired"
-    faulty = TrainJob(**{**job.__dict__, "train": train_cfg, "checkpoint_dir": str(tmp_path / "a"),
-                         "fault_injection": f"1:1:2:{marker}"})
+    faulty = dataclasses.replace(job, train=train_cfg, checkpoint_dir=str(tmp_path / "a"),
+                                 fault_injection=f"1:1:2:{marker}")
     res = launch_ray(faulty, cfg, str(tmp_path / "ray"))
     assert marker.exists()  # rank 1 really died (os._exit) at epoch 1, step 2
-    clean = TrainJob(**{**job.__dict__, "train": train_cfg, "checkpoint_dir": str(tmp_path / "b")})
+    clean = dataclasses.replace(job, train=train_cfg, checkpoint_dir=str(tmp_path / "b"))
     ref = run_ranks(_train_rank, 2, clean)[0]
     diff = max((res.model.state_dict()[k] - v).abs().max().item() for k, v in ref["params"].items())
     assert diff == 0.0  # bit-identical on CPU: same seeds, deterministic kernels, 1 thread
@@ -146,10 +147,10 @@ def test_ray_refuses_more_cpus_than_the_cluster_has(job, tmp_path):
 
 def test_gradient_accumulation_and_bf16_autocast(job, tmp_path):
     acc = TRAIN.model_copy(update={"epochs": 1, "accumulate_steps": 2})
-    res = run_worker(TrainJob(**{**job.__dict__, "train": acc, "checkpoint_dir": str(tmp_path)}))
+    res = run_worker(dataclasses.replace(job, train=acc, checkpoint_dir=str(tmp_path)))
     assert np.isfinite(res.history[0]["loss"])
-    bf16 = TrainJob(**{**job.__dict__, "train": acc.model_copy(update={"precision": "bf16"}),
-                       "checkpoint_dir": str(tmp_path / "bf16")})
+    bf16 = dataclasses.replace(job, train=acc.model_copy(update={"precision": "bf16"}),
+                               checkpoint_dir=str(tmp_path / "bf16"))
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         res = run_worker(bf16)
         assert np.isfinite(res.history[0]["loss"])

@@ -13,6 +13,7 @@ import pandas as pd
 from scproto_scale.companion.inputs import prepare_counts, read_cells
 from scproto_scale.companion.scgpcl import ClusterResult, fit_scgpcl
 from scproto_scale.config import ClusterJobConfig
+from scproto_scale.data.writers import write_h5ad_atomic
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.evaluate.clustering import clustering_scores
 
@@ -73,10 +74,7 @@ def run_cluster(cfg: ClusterJobConfig, out: str | Path) -> dict:
                "scores": scores, "pretrain_epochs": res.pretrain_epochs,
                "dec_epochs": res.dec_epochs, "wall_s": res.wall_s, "history": res.history,
                "config": cfg.model_dump()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    adata.write_h5ad(tmp)
-    tmp.replace(out)
+    write_h5ad_atomic(adata, out)
     js = out.with_suffix(".json")
     tmp_js = js.with_name(f".{js.name}.tmp")
     tmp_js.write_text(json.dumps(summary, indent=1))

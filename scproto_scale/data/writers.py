@@ -26,6 +26,23 @@ def _tmp_of(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
+    """Write ``adata`` to ``path`` under a temporary name in the same directory, then rename.
+
+    Readers never see a partial file, and a failed write leaves nothing behind. Parent
+    directories are created; an existing file is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_of(path)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _prepare_target(path: Path, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise ScprotoInputError(f"target store {path} exists; pass overwrite=True")

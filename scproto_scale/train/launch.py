@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -57,6 +58,16 @@ def resolve_launcher(cfg: DistributedConfig) -> str:
     return "ray" if cfg.workers > 1 or cfg.ray_address else "local"
 
 
+def _use_gpu(cfg: DistributedConfig) -> bool:
+    """``distributed.use_gpu``, by default whether this machine has CUDA."""
+    return cfg.use_gpu if cfg.use_gpu is not None else torch.cuda.is_available()
+
+
+def _require_local_gpu(cfg: DistributedConfig) -> None:
+    if cfg.use_gpu and not torch.cuda.is_available():
+        raise ScprotoInputError("distributed.use_gpu=true but CUDA is not available here")
+
+
 def _backend(cfg: DistributedConfig, use_gpu: bool) -> str:
     return cfg.backend if cfg.backend != "auto" else ("nccl" if use_gpu else "gloo")
 
@@ -68,9 +79,8 @@ def torchrun_group(cfg: DistributedConfig) -> Iterator[tdist.ProcessGroup | None
     Yields a second gloo group with a day-long timeout for waiting on rank 0's ingest and
     prepare stages, which can outlast ``timeout_s`` (the limit for training collectives).
     """
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else torch.cuda.is_available()
-    if use_gpu and not torch.cuda.is_available():
-        raise ScprotoInputError("distributed.use_gpu=true but CUDA is not available here")
+    _require_local_gpu(cfg)
+    use_gpu = _use_gpu(cfg)
     if use_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     tdist.init_process_group(_backend(cfg, use_gpu),
@@ -99,17 +109,13 @@ def launch(job: TrainJob, cfg: DistributedConfig, storage_path: str | Path,
             workers, workers disagree on config/genes/prototypes, or a worker failed for good.
     """
     if os.environ.get(FAULT_ENV):
-        job = _replace(job, fault_injection=os.environ[FAULT_ENV])
+        job = dataclasses.replace(job, fault_injection=os.environ[FAULT_ENV])
     mode = resolve_launcher(cfg)
     if mode == "ray":
         return launch_ray(job, cfg, cfg.storage_path or str(storage_path))
-    if mode == "local" and cfg.use_gpu and not torch.cuda.is_available():
-        raise ScprotoInputError("distributed.use_gpu=true but CUDA is not available here")
+    if mode == "local":
+        _require_local_gpu(cfg)
     return run_worker(job, console=console)
-
-
-def _replace(job: TrainJob, **changes) -> TrainJob:
-    return TrainJob(**{**job.__dict__, **changes})
 
 
 def launch_ray(job: TrainJob, cfg: DistributedConfig, storage_path: str) -> TrainResult:
@@ -123,9 +129,9 @@ def launch_ray(job: TrainJob, cfg: DistributedConfig, storage_path: str) -> Trai
         raise ScprotoInputError(
             f"distributed training with Ray needs ray[train] ({e}); install the "
             "`distributed` extra: pip install 'scproto-scale[distributed]'") from None
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else torch.cuda.is_available()
+    use_gpu = _use_gpu(cfg)
     if job.train.num_threads is None:  # one torch thread pool per worker, sized to its CPUs
-        job = _replace(job, train=job.train.model_copy(
+        job = dataclasses.replace(job, train=job.train.model_copy(
             update={"num_threads": max(1, int(cfg.cpus_per_worker))}))
     name = "scproto_train"
     storage = Path(storage_path).absolute()
