@@ -179,7 +179,7 @@ def embed(
 
 @app.command()
 def cluster(
-    config: Annotated[Path, typer.Argument(help="YAML config (see configs/cluster_*.yaml)")],
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/cluster/*.yaml)")],
     out: Annotated[Path, typer.Option("--out", help="output .h5ad (obs scgpcl_cluster) + .json")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. scgpcl.pretrain_epochs=5")] = None,
 ) -> None:
