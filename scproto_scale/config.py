@@ -85,7 +85,11 @@ class TrainConfig(_Strict):
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(1024, gt=0, description="anchor cells per step (per worker)")
     n_views: int = Field(8, ge=2, description="anchor + neighbour views per anchor")
-    neighbor_weighting: Literal["uniform", "distance"] = "uniform"
+    neighbor_weighting: Literal["uniform", "snn", "distance"] = Field(
+        "uniform", description="KNN views: uniform, ∝ shared-neighbour Jaccard (keeps a rare "
+        "type's views inside it), or ∝ squared distance (reference code)")
+    snn_prune: float = Field(1 / 15, ge=0, lt=1, description="snn: Jaccard ≤ this → weight 0 "
+                             "(Seurat's prune.SNN)")
     min_cells_per_study: int = Field(128, gt=0)
     study_alpha: float = Field(1.0, ge=0, description="studies drawn ∝ size^alpha")
     small_studies: Literal["merge", "drop"] = Field(

@@ -93,9 +93,13 @@ def test_every_likelihood_and_optimizer_trains(prepared, tmp_path, likelihood, o
     assert np.isfinite(res.history[0]["loss"])
 
 
-def test_loader_builds_views_from_the_knn_table(prepared):
+@pytest.mark.parametrize("weighting", ["uniform", "snn", "distance"])
+def test_loader_builds_views_from_the_knn_table(prepared, weighting):
     store, prep = prepared
-    loader, _ = build_loader(store, prep, TRAIN.model_copy(update={"n_views": 5}), seed=0)
+    cfg = TRAIN.model_copy(update={"n_views": 5, "neighbor_weighting": weighting})
+    loader, _ = build_loader(store, prep, cfg, seed=0)
+    if weighting == "snn":  # the SNN weights are an artefact beside the KNN table
+        assert np.load(prep.path / "knn_snn.npy").shape == prep.knn_indices.shape
     draw = loader.sampler.epoch(0)[0]
     batch = loader.build(draw, 0, 0)
     V, B, G = batch.counts.shape

@@ -1,9 +1,9 @@
 """Training loader: sampler anchors + KNN neighbour views → one read → tensors.
 
 For each step: the sampler's anchors, ``V−1`` distinct neighbours per anchor drawn from its KNN
-row (uniform, or ∝ squared distance for parity with the reference code, by Gumbel-top-k), one
-read of the unique rows from the store (sorted, so the zarr store fetches coalesced runs of
-chunks), alignment to the model's gene list (missing genes zero-filled), and tensors shaped
+row (uniform, ∝ shared-neighbour Jaccard, or ∝ squared distance for parity with the reference
+code; weighted draws by Gumbel-top-k), one read of the unique rows from the store (sorted, so
+the zarr store fetches coalesced runs of chunks), alignment to the model's gene list (missing genes zero-filled), and tensors shaped
 ``(V, B, G)``. Batches are built in background threads (``prefetch`` ahead); each is a
 deterministic function of (seed, epoch, step, rank), so prefetching never changes results, and
 a batch whose worker failed is rebuilt (identically) instead of being skipped: an epoch is never
@@ -46,18 +46,16 @@ def align_store_genes(store: CellStore, genes: list[str], min_overlap: float = 0
     return align_genes(store.var_names, genes, min_overlap, source=f"store {store.path}")
 
 
-def draw_neighbours(
-    knn_rows: np.ndarray, knn_dist: np.ndarray, n: int, weighting: str,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Pick ``n`` distinct neighbours per row.
+def draw_neighbours(knn_rows: np.ndarray, n: int, rng: np.random.Generator,
+                    weights: np.ndarray | None = None) -> np.ndarray:
+    """Pick ``n`` distinct neighbours per row, uniformly or ∝ ``weights``.
 
     Args:
         knn_rows: ``(B, k)`` neighbour ids.
-        knn_dist: ``(B, k)`` distances (used when ``weighting == "distance"``).
         n: neighbours per row (≤ k).
-        weighting: ``"uniform"`` or ``"distance"`` (∝ squared distance, the reference code).
         rng: random source.
+        weights: ``(B, k)`` non-negative sampling weights (squared distances for the reference
+            code's ``"distance"``, SNN Jaccard for ``"snn"``), or None for uniform.
 
     Returns:
         ``(B, n)`` chosen neighbour ids.
@@ -66,9 +64,9 @@ def draw_neighbours(
     if n > k:
         raise ValueError(f"need {n} neighbour views but the KNN table has k={k}")
     keys = rng.random((B, k))
-    if weighting == "distance":
+    if weights is not None:
         # Gumbel-top-k: sampling without replacement ∝ w equals top-n of log w + Gumbel noise.
-        keys = np.log(np.square(knn_dist.astype(np.float64)) + 1e-12) - np.log(-np.log(keys))
+        keys = np.log(np.asarray(weights, dtype=np.float64) + 1e-12) - np.log(-np.log(keys))
     pick = np.argpartition(-keys, n - 1, axis=1)[:, :n] if n < k else np.argsort(-keys, axis=1)
     return np.take_along_axis(knn_rows, pick, axis=1)
 
@@ -88,7 +86,12 @@ class ViewLoader:
             refuses a store below a coverage threshold).
         sampler: a :class:`StudyStratifiedSampler` over the n training cells.
         n_views: V (anchor + V−1 neighbours).
-        neighbor_weighting: ``"uniform"`` or ``"distance"``.
+        neighbor_weighting: ``"uniform"``, ``"distance"`` (∝ squared distance) or ``"snn"``
+            (∝ ``snn_weights``).
+        snn_weights: ``(n, k)`` SNN Jaccard of each KNN edge
+            (:func:`scproto_scale.prepare.snn.snn_jaccard`); required for ``"snn"``.
+        snn_prune: edges with Jaccard ≤ this get weight 0 (Seurat's ``prune.SNN``, 1/15); a
+            cell with fewer than V−1 edges left draws the rest uniformly from the pruned ones.
         seed: seeds the neighbour draws.
         prefetch: batches built ahead in background threads (0: synchronous).
         max_retries: rebuilds of a batch whose build raised (not for input errors).
@@ -99,8 +102,10 @@ class ViewLoader:
         knn_distances: np.ndarray, library_size: np.ndarray, condition: np.ndarray,
         gene_columns: np.ndarray, sampler: StudyStratifiedSampler, n_views: int = 8,
         neighbor_weighting: str = "uniform", seed: int = 0, prefetch: int = 2,
-        max_retries: int = 2,
+        max_retries: int = 2, snn_weights: np.ndarray | None = None, snn_prune: float = 1 / 15,
     ):
+        if neighbor_weighting == "snn" and snn_weights is None:
+            raise ValueError('neighbor_weighting="snn" needs snn_weights')
         self.store, self.cells = store, np.asarray(cells)
         self.knn_indices, self.knn_distances = knn_indices, knn_distances
         self.library_size = np.asarray(library_size, dtype=np.float32)
@@ -117,6 +122,7 @@ class ViewLoader:
         self.max_retries = max_retries
         self.sampler, self.n_views = sampler, n_views
         self.neighbor_weighting, self.seed, self.prefetch = neighbor_weighting, seed, prefetch
+        self.snn_weights, self.snn_prune = snn_weights, snn_prune
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -125,10 +131,13 @@ class ViewLoader:
         """The :class:`ViewBatch` of one sampler draw."""
         rng = np.random.default_rng([self.seed, epoch, step, self.sampler.rank, 0x5EED])
         pos = draw.anchors
-        nbrs = draw_neighbours(
-            np.asarray(self.knn_indices[pos]), np.asarray(self.knn_distances[pos]),
-            self.n_views - 1, self.neighbor_weighting, rng,
-        )
+        weights = None
+        if self.neighbor_weighting == "distance":
+            weights = np.square(np.asarray(self.knn_distances[pos], dtype=np.float64))
+        elif self.neighbor_weighting == "snn":
+            jaccard = np.asarray(self.snn_weights[pos])
+            weights = np.where(jaccard > self.snn_prune, jaccard, 0.0)
+        nbrs = draw_neighbours(np.asarray(self.knn_indices[pos]), self.n_views - 1, rng, weights)
         rows = np.concatenate([self.cells[pos], nbrs.T.reshape(-1)]).astype(np.int64)
         X = self.store.read_rows_unsorted(rows)
         if isinstance(self._genes, np.ndarray):

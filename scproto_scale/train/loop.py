@@ -32,6 +32,7 @@ from scproto_scale.model import dist
 from scproto_scale.model.scproto import ScProto
 from scproto_scale.model.swav import StudyQueue
 from scproto_scale.prepare.artefacts import Prepared
+from scproto_scale.prepare.snn import cached_snn_jaccard
 from scproto_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from scproto_scale.train.optim import build_optimizer, lr_at
 
@@ -98,10 +99,15 @@ def build_loader(
     prefetch = cfg.prefetch
     if prefetch is None:  # on two cores a loader thread slows the torch step more than it saves
         prefetch = 0 if (os.cpu_count() or 1) <= 2 else 2
+    snn = None
+    if cfg.neighbor_weighting == "snn":  # an input artefact: computed once, beside the KNN table
+        name = "cache_knn_snn.npy" if prepared.has_cache else "knn_snn.npy"
+        snn = cached_snn_jaccard(prepared.path / name, src.knn_indices, src.cells)
     loader = ViewLoader(
         src.store, src.cells, src.knn_indices, src.knn_distances, src.library_size,
         src.condition, src.gene_columns, sampler, cfg.n_views,
-        cfg.neighbor_weighting, seed, prefetch=prefetch,
+        cfg.neighbor_weighting, seed, prefetch=prefetch, snn_weights=snn,
+        snn_prune=cfg.snn_prune,
     )
     return loader, names
 
