@@ -21,6 +21,7 @@ import torch.distributed as tdist
 from rich.console import Console
 
 from scproto_scale.atlas.atlas import Embedding, PrototypeAtlas
+from scproto_scale.atlas.genes import model_stable_ids
 from scproto_scale.config import RunConfig
 from scproto_scale.data.ingest import ingest
 from scproto_scale.data.store import CellStore, detect_format, open_store
@@ -73,7 +74,8 @@ def export_atlas(store: CellStore, prepared: Prepared, model, cfg: RunConfig, ou
     """
     cells = np.asarray(prepared.cells)
     meta = {"median_library_size": prepared.meta["median_library_size"], "latent_norm": 1.0,
-            "seed": cfg.seed, "batch_key": cfg.data.batch_key, "run_config": cfg.model_dump()}
+            "seed": cfg.seed, "batch_key": cfg.data.batch_key, "run_config": cfg.model_dump(),
+            "gene_stable_ids": model_stable_ids(store.var, prepared.genes)}
     atlas = PrototypeAtlas(model, prepared.genes, prepared.studies, meta)
     emb = atlas.embed_store(store, cfg.data.batch_key, chunk_size=cfg.prepare.chunk_size)
     atlas.meta["latent_norm"] = float(np.mean(emb.mu_norm[cells]))

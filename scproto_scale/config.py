@@ -282,3 +282,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ScprotoInputError(
             f"invalid config{f' {path}' if path else ''}:\n" + "\n".join(lines)
         ) from None
+
+
+class SurgeryConfig(_Strict):
+    """Query mapping of unseen studies (scArches surgery as in scPoli; method.md §8).
+
+    Only the new studies' condition-embedding rows and dispersion (θ) columns are trained; every
+    reference parameter stays frozen and bit-identical.
+    """
+
+    epochs: int = Field(20, ge=0, description="passes over the query cells (0: untrained rows)")
+    batch_size: int = Field(256, gt=1)
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the new rows")
+    kl_weight: float | None = Field(None, ge=0, description="β of the CVAE loss (default: model's)")
+    lambda_swav: float = Field(
+        0.0, ge=0, description="optional per-study SwAV against the frozen prototypes")
+    chunk_size: int = Field(8192, gt=0, description="store rows read at a time")
+
+
+class EmbedConfig(_Strict):
+    """``scproto-scale embed``: stream a store through the frozen atlas (method.md §8)."""
+
+    batch_key: str = Field(description="obs column of the study")
+    chunk_size: int = Field(8192, gt=0, description="cells per chunk (the unit of resumption)")
+    min_overlap: float = Field(0.8, ge=0, le=1, description="refuse below this gene overlap")
+    workers: int = Field(1, gt=0, description="Ray actors over chunk ranges when > 1")
+    ray_address: str | None = Field(None, description='existing Ray cluster, e.g. "auto"')
+    label_column: str = Field("majority_label", description="metacells.h5ad obs label column")
+    label_temperature: float = Field(
+        0.05, gt=0, description="softmax temperature over prototype cosines for label transfer")
