@@ -211,8 +211,11 @@ def test_surgery_trains_only_new_rows_and_improves_the_fit(ref_and_query, tmp_pa
                        on_disk["cvae.condition_embedding.weight"])
     emb = back.embed_adata(query.copy(), "study").obsm["X_scproto"]
     labels = load_prototype_labels(atlas_dir)
-    code, unc, _ = LabelTransfer(back.prototypes, labels).predict(emb)
-    pred = LabelTransfer(back.prototypes, labels).classes[code]
+    lt = LabelTransfer(back.prototypes, labels)
+    code, unc, proba = lt.predict(emb)
+    pred = lt.classes[code]
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(unc, 1 - proba.max(1), atol=1e-6)
     assert (pred == query.obs["cell_type"].astype(str).to_numpy()).mean() > 0.5
     with pytest.raises(ScprotoInputError, match="already in the atlas"):
         train_query_studies(new, store, "study", cfg)
