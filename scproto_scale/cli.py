@@ -134,13 +134,37 @@ def train(
         console.print(f"atlas: {out / 'atlas'}")
 
 
+@app.command()
+def census(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/census_*.yaml)")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.epochs=5")] = None,
+    fresh: Annotated[bool, typer.Option(help="recompute every stage instead of resuming")] = False,
+    workers: Annotated[int | None, typer.Option(help="DDP workers (Ray Train when > 1)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help='existing Ray cluster, e.g. "auto"')] = None,
+) -> None:
+    """Train an atlas on a CELLxGENE Census slice (obs value_filter, genes by feature_id, study =
+    dataset_id): prepare → train → export → evaluate, as `run`."""
+    from pipelines.census import run_census
+    from scproto_scale.config import CensusRunConfig
+
+    try:
+        cfg = _config(config, set_, workers, ray_address, model=CensusRunConfig)
+        report = run_census(cfg, out, resume=not fresh, console=console)
+    except ScprotoInputError as e:
+        _fail(e)
+    if report is not None:
+        _summary(report)
+        console.print(f"atlas: {out / 'atlas'}")
+
+
 def _config(path: Path, overrides: list[str] | None, workers: int | None,
-            ray_address: str | None):
-    from scproto_scale.config import load_config
+            ray_address: str | None, model=None):
+    from scproto_scale.config import RunConfig, load_config
 
     extra = [f"distributed.workers={workers}"] if workers is not None else []
     extra += [f"distributed.ray_address={ray_address}"] if ray_address else []
-    return load_config(path, (overrides or []) + extra)
+    return load_config(path, (overrides or []) + extra, model=model or RunConfig)
 
 
 @app.command()

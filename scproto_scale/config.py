@@ -311,3 +311,33 @@ class EmbedConfig(_Strict):
     label_column: str = Field("majority_label", description="metacells.h5ad obs label column")
     label_temperature: float = Field(
         0.05, gt=0, description="softmax temperature over prototype cosines for label transfer")
+
+
+class CensusConfig(_Strict):
+    """Which cells and genes of the CELLxGENE Census to train on (``pipelines/census.py``)."""
+
+    census_version: str = Field("stable", description='Census release, e.g. "2025-01-30"')
+    uri: str | None = Field(
+        None, description="a SOMA experiment with the Census schema to use instead of the "
+        "hosted Census (local copies, tests); default: cellxgene_census.open_soma")
+    organism: str = Field("homo_sapiens", description="census_data experiment")
+    measurement: str = "RNA"
+    layer: str = Field("raw", description="X layer with raw counts")
+    obs_value_filter: str = Field(
+        "is_primary_data == True", description="SOMA value_filter on obs (tissue, assay, …)")
+    genes: list[str] | None = Field(None, description="feature_ids to keep (default: all)")
+    genes_file: str | None = Field(None, description="file with one feature_id per line")
+    study_key: str = Field("dataset_id", description="obs column used as the study / batch")
+    label_key: str | None = Field(None, description="obs column of cell types (evaluation)")
+
+
+class CensusRunConfig(_Strict):
+    """``scproto-scale census CONFIG``: train an atlas on a Census slice."""
+
+    seed: int = 0
+    census: CensusConfig = CensusConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
