@@ -219,3 +219,14 @@ def test_surgery_trains_only_new_rows_and_improves_the_fit(ref_and_query, tmp_pa
     assert (pred == query.obs["cell_type"].astype(str).to_numpy()).mean() > 0.5
     with pytest.raises(ScprotoInputError, match="already in the atlas"):
         train_query_studies(new, store, "study", cfg)
+
+
+def test_atlas_stable_ids_need_one_valid_id_per_gene():
+    from scproto_scale.atlas.genes import model_stable_ids
+
+    ids = [f"ENSG{i:011d}" for i in range(19)] + ["nan"]
+    ids[5] = ids[4]
+    var = pd.DataFrame({"ensembl_id": ids}, index=[f"G{i}" for i in range(20)])
+    assert model_stable_ids(var, ["G0", "G1"]) == ids[:2]
+    assert model_stable_ids(var, ["G0", "G19"]) is None  # missing id: match by symbol instead
+    assert model_stable_ids(var, ["G4", "G5"]) is None  # shared id would merge two genes

@@ -73,7 +73,11 @@ def model_stable_ids(var: pd.DataFrame, genes: list[str]) -> list[str] | None:
     pos = pd.Index(var.index).get_indexer(pd.Index(genes))
     if (pos < 0).any():
         return None
-    return [str(i) for i in ids[pos]]
+    out = ids[pos]
+    # every model gene needs its own valid id, else matching by id would merge or drop genes
+    if out.duplicated().any() or not all(_ENSEMBL.match(s) for s in out.astype(str)):
+        return None
+    return [str(i) for i in out]
 
 
 def symbols(var: pd.DataFrame) -> pd.Index:
