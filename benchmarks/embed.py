@@ -2,9 +2,10 @@
 
     python benchmarks/embed.py [--quick]
 
-Writes ``benchmarks/results/embed_quick.json`` / ``embed_full.json`` and
-``benchmarks/results/embed.json``: each section from the full run when there is one, else from
-the quick run (``section_modes``). The summary keys come first:
+Writes ``benchmarks/results/embed_quick.json`` / ``embed_full.json`` (``embed_partial.json``
+for extra LOSO folds chosen with ``--kang-donors`` / ``--multi-studies``, quick settings) and
+``benchmarks/results/embed.json``: each section from the full run when there is one, else the
+quick and partial folds pooled (``section_modes``). The summary keys come first:
 
 - **Leave-one-study-out (LOSO) on Kang PBMC, 8 donors**: an atlas is trained on 7 donors
   (``configs/kang_pbmc.yaml`` with few epochs: ``train_epochs`` in the JSON) and the 8th donor
@@ -159,12 +160,17 @@ def loso(src: Path, batch_key: str, label_key: str, held_out: list[str], base_cf
          work: Path, surgery_epochs: int) -> dict:
     folds = [loso_fold(src, batch_key, label_key, h, base_cfg, work / f"fold_{h}",
                        surgery_epochs) for h in held_out]
+    return {"folds": folds, "mean": fold_means(folds), "held_out": held_out}
+
+
+def fold_means(folds: list[dict]) -> dict:
+    """Mean of each score over the folds, per mapping variant."""
     mean = {}
     for v in ("no_surgery", "surgery", "mean_embedding"):
         for m in ("macro_f1", "accuracy", "knn_macro_f1", "knn_accuracy", "ilisi",
                   "ilisi_query_vs_ref"):
             mean[f"{m}_{v}"] = round(float(np.mean([f[v][m] for f in folds])), 4)
-    return {"folds": folds, "mean": mean, "held_out": held_out}
+    return mean
 
 
 # ---- throughput, memory, resumption --------------------------------------------------------
@@ -338,12 +344,17 @@ def main() -> None:
                          "(each part fits one bench-lock slot)")
     ap.add_argument("--n-cells", type=int, default=None,
                     help="throughput store size (default: 60k quick, 1M full)")
+    ap.add_argument("--kang-donors", default=None,
+                    help="comma-separated held-out donors (with --multi-studies: a 'partial' run "
+                         "with the quick settings whose folds are pooled with the quick run's)")
+    ap.add_argument("--multi-studies", default=None, help="comma-separated held-out studies")
     args = ap.parse_args()
     t0 = time.perf_counter()
     root = args.root
     root.mkdir(parents=True, exist_ok=True)
-    quick = args.quick
-    mode = "quick" if quick else "full"
+    partial = args.kang_donors is not None or args.multi_studies is not None
+    quick = args.quick or partial
+    mode = "partial" if partial else "quick" if quick else "full"
     train_epochs, surgery_epochs = (5, 10) if quick else (8, 10)
     results_dir = ROOT / "benchmarks" / "results"
     keep = results_dir / f"embed_{mode}.json"
@@ -368,11 +379,13 @@ def main() -> None:
         kang_cfg = load_config(ROOT / "configs" / "kang_pbmc.yaml", [
             "data.path=x", f"train.epochs={train_epochs}", "train.progress=false",
             "evaluate.enabled=false"]).model_dump()
-        donors = (["1244"] if quick else
-                  ["1015", "1256", "1488", "1244", "1016", "101", "107", "1039"])
+        donors = (["1015", "1256", "1488", "1244", "1016", "101", "107", "1039"] if not quick
+                  else args.kang_donors.split(",") if args.kang_donors else
+                  [] if partial else ["1244"])
         log(f"LOSO Kang: held-out donors {donors}")
-        result["loso_kang"] = loso(d / KANG / f"{KANG}.h5ad", "batch", "cell_type", donors,
-                                   kang_cfg, root / "loso_kang", surgery_epochs)
+        if donors:
+            result["loso_kang"] = loso(d / KANG / f"{KANG}.h5ad", "batch", "cell_type",
+                                       donors, kang_cfg, root / "loso_kang", surgery_epochs)
         try:
             from pipelines.pbmc_multi import assemble_multi_pbmc
         except ImportError:
@@ -380,15 +393,18 @@ def main() -> None:
                                          "why": "pipelines/pbmc_multi.py not present"}
         else:
             multi = assemble_multi_pbmc(d, root / "pbmc_multi.h5ad")
-            held = ["pbmc4k"] if quick else ["kang2018", "pbmc4k", "ding2020"]
+            held = (["kang2018", "pbmc4k", "ding2020"] if not quick
+                    else args.multi_studies.split(",") if args.multi_studies else
+                    [] if partial else ["pbmc4k"])
             n_multi = ad.read_h5ad(multi, backed="r").n_obs
             cfg = json.loads(json.dumps(kang_cfg))
             cfg["train"]["min_cells_per_study"] = 32
             log(f"LOSO multi-study PBMC: held-out studies {held}")
             # study-level hold-out: the study column is the condition (its batches share a row)
-            result["loso_pbmc_multi"] = loso(multi, "study", "cell_type", held, cfg,
-                                             root / "loso_multi", surgery_epochs)
-            result["loso_pbmc_multi"]["n_cells"] = int(n_multi)
+            if held:
+                result["loso_pbmc_multi"] = loso(multi, "study", "cell_type", held, cfg,
+                                                 root / "loso_multi", surgery_epochs)
+                result["loso_pbmc_multi"]["n_cells"] = int(n_multi)
     if args.part in ("all", "throughput"):
         n = args.n_cells or (60_000 if quick else 1_000_000)
         result["throughput"] = throughput(root, n, 20_000, train_epochs=1)
@@ -408,7 +424,16 @@ def combine(results_dir: Path) -> dict:
     """``embed.json``: each section from the full run when it has it, else from the quick run
     (``section_modes`` says which), with the headline keys recomputed."""
     runs = {m: json.loads((results_dir / f"embed_{m}.json").read_text())
-            for m in ("quick", "full") if (results_dir / f"embed_{m}.json").exists()}
+            for m in ("quick", "partial", "full") if (results_dir / f"embed_{m}.json").exists()}
+    pooled = {}  # quick + partial folds (same settings), one per held-out study
+    for sec in ("loso_kang", "loso_pbmc_multi"):
+        folds = {f["held_out"]: f for m in ("quick", "partial")
+                 for f in runs.get(m, {}).get(sec, {}).get("folds", [])}
+        if folds:
+            pooled[sec] = {"folds": list(folds.values()), "held_out": list(folds),
+                           "mean": fold_means(list(folds.values()))}
+    if pooled:
+        runs["quick"] = {**runs.get("quick", runs.get("partial", {})), **pooled}
     out: dict = {"section_modes": {}}
     for sec in ("loso_kang", "loso_pbmc_multi", "throughput"):
         for m in ("full", "quick"):
