@@ -96,7 +96,19 @@ def _ilisi(X: np.ndarray, batches: np.ndarray, k: int = 90) -> float:
 
 def loso_fold(src: Path, batch_key: str, label_key: str, held: str, base_cfg: dict,
               work: Path, surgery_epochs: int, seed: int = 0, max_ref_cells: int = 8000) -> dict:
-    """Train on all studies but ``held``, map ``held`` three ways, score labels and mixing."""
+    """Train on all studies but ``held``, map ``held`` three ways, score labels and mixing.
+
+    The fold's result is kept in ``work/result.json`` and reused by a rerun with the same
+    settings, so a long LOSO run can be continued fold by fold.
+    """
+    key = {"src": str(src), "held": held, "config": base_cfg, "surgery_epochs": surgery_epochs,
+           "seed": seed, "max_ref_cells": max_ref_cells}
+    cached = work / "result.json"
+    if cached.exists():
+        old = json.loads(cached.read_text())
+        if old.get("key") == json.loads(json.dumps(key, default=str)):
+            log(f"  {held}: reusing {cached}")
+            return old["result"]
     full = ad.read_h5ad(src)
     is_q = full.obs[batch_key].astype(str).to_numpy() == held
     work.mkdir(parents=True, exist_ok=True)
@@ -153,6 +165,9 @@ def loso_fold(src: Path, batch_key: str, label_key: str, held: str, base_cfg: di
     # how far surgery moves the query's embedding at all (1 − cosine, mean over cells)
     out["embedding_shift_surgery_vs_no_surgery"] = float(
         np.mean(1 - (embs["surgery"] * embs["no_surgery"]).sum(1)))
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "result": out}, default=str))
+    os.replace(tmp, cached)
     return out
 
 
