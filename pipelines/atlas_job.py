@@ -21,6 +21,7 @@ import torch.distributed as tdist
 from rich.console import Console
 
 from scproto_scale.atlas.atlas import Embedding, PrototypeAtlas
+from scproto_scale.atlas.genes import model_stable_ids
 from scproto_scale.config import RunConfig
 from scproto_scale.data.ingest import ingest
 from scproto_scale.data.store import CellStore, detect_format, open_store
@@ -46,8 +47,13 @@ def resolve_input(path: str) -> Path:
     return Path(expanded)
 
 
-def open_input(cfg: RunConfig, out: Path) -> CellStore:
-    """The input as a store: h5ad files are ingested once into ``OUT/store.{zarr,soma}``."""
+def open_input(cfg: RunConfig, out: Path, store_options: dict | None = None) -> CellStore:
+    """The input as a store: h5ad files are ingested once into ``OUT/store.{zarr,soma}``;
+    ``store_options`` go to the store (SOMA value filter, genes, TileDB config)."""
+    if "://" in cfg.data.path:  # a remote SOMA experiment (the Census)
+        src = cfg.data.path
+        store = open_store(src, **(store_options or {}))
+        return _check_keys(cfg, store, src)
     src = resolve_input(cfg.data.path)
     fmt = detect_format(src)
     if fmt == "h5ad":
@@ -55,7 +61,10 @@ def open_input(cfg: RunConfig, out: Path) -> CellStore:
         if not target.exists():
             ingest(src, target, fmt=cfg.data.store_format)
         src = target
-    store = open_store(src)
+    return _check_keys(cfg, open_store(src, **(store_options or {})), src)
+
+
+def _check_keys(cfg: RunConfig, store: CellStore, src) -> CellStore:
     cols = store.obs_columns()
     for what, key in (("data.batch_key", cfg.data.batch_key), ("data.label_key", cfg.data.label_key)):
         if key is not None and key not in cols:
@@ -73,7 +82,8 @@ def export_atlas(store: CellStore, prepared: Prepared, model, cfg: RunConfig, ou
     """
     cells = np.asarray(prepared.cells)
     meta = {"median_library_size": prepared.meta["median_library_size"], "latent_norm": 1.0,
-            "seed": cfg.seed, "batch_key": cfg.data.batch_key, "run_config": cfg.model_dump()}
+            "seed": cfg.seed, "batch_key": cfg.data.batch_key, "run_config": cfg.model_dump(),
+            "gene_stable_ids": model_stable_ids(store.var, prepared.genes)}
     atlas = PrototypeAtlas(model, prepared.genes, prepared.studies, meta)
     emb = atlas.embed_store(store, cfg.data.batch_key, chunk_size=cfg.prepare.chunk_size)
     atlas.meta["latent_norm"] = float(np.mean(emb.mu_norm[cells]))
@@ -142,8 +152,8 @@ def evaluate(store: CellStore, prepared: Prepared, atlas: PrototypeAtlas, cells_
     return report
 
 
-def run(cfg: RunConfig, out: str | Path, resume: bool = True, console: Console | None = None
-        ) -> dict | None:
+def run(cfg: RunConfig, out: str | Path, resume: bool = True, console: Console | None = None,
+        store_options: dict | None = None) -> dict | None:
     """Run the whole job into ``out`` and return the report (also ``report.json`` / ``.md``).
 
     Training runs in-process, on Ray Train workers, or (started by ``torchrun``) on every rank;
@@ -154,6 +164,9 @@ def run(cfg: RunConfig, out: str | Path, resume: bool = True, console: Console |
         cfg: validated :class:`RunConfig`.
         out: output directory (created).
         resume: reuse finished stages and continue training from the last checkpoint.
+        store_options: keyword arguments of the store (a SOMA ``obs_value_filter``, ``genes``,
+            ``var_id_column``, ``tiledb_config``: how ``pipelines/census.py`` selects cells and
+            genes of the Census); every training worker reopens the store with them.
 
     Raises:
         ScprotoInputError: any bad input (missing file, unknown obs column, bad counts…).
@@ -162,11 +175,11 @@ def run(cfg: RunConfig, out: str | Path, resume: bool = True, console: Console |
     group = torchrun_group(cfg.distributed) if launcher == "torchrun" else contextlib.nullcontext()
     with group as stage_group:
         return _run(cfg, Path(out), resume, console or Console(stderr=True), launcher,
-                    stage_group)
+                    stage_group, store_options or {})
 
 
 def _run(cfg: RunConfig, out: Path, resume: bool, console: Console, launcher: str,
-         stage_group) -> dict | None:
+         stage_group, store_options: dict) -> dict | None:
     main = dist.rank() == 0
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
@@ -179,7 +192,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, console: Console, launcher: st
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
         t = time.perf_counter()
-        store = open_input(cfg, out)
+        store = open_input(cfg, out, store_options)
         stage("ingest", t)
         t = time.perf_counter()
         prepared = prepare(store, out / "prepared", cfg.data.batch_key, cfg.prepare,
@@ -189,10 +202,11 @@ def _run(cfg: RunConfig, out: Path, resume: bool, console: Console, launcher: st
     if stage_group is not None:  # torchrun: the other ranks wait for rank 0's artefacts
         tdist.barrier(group=stage_group)
     if not main:
-        store, prepared = open_input(cfg, out), Prepared.load(out / "prepared")
+        store, prepared = open_input(cfg, out, store_options), Prepared.load(out / "prepared")
     t = time.perf_counter()
-    job = TrainJob(str(store.path), str(prepared.path), cfg.model, cfg.train,
-                   str(out / "checkpoints"), seed=cfg.seed, resume=resume)
+    job = TrainJob(getattr(store, "uri", str(store.path)), str(prepared.path), cfg.model,
+                   cfg.train, str(out / "checkpoints"), seed=cfg.seed, resume=resume,
+                   store_options=store_options)
     result = launch(job, cfg.distributed, out / "ray", console=console)
     stage("train", t)
     if not main:

@@ -134,47 +134,126 @@ def train(
         console.print(f"atlas: {out / 'atlas'}")
 
 
+@app.command()
+def census(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/census_*.yaml)")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.epochs=5")] = None,
+    fresh: Annotated[bool, typer.Option(help="recompute every stage instead of resuming")] = False,
+    workers: Annotated[int | None, typer.Option(help="DDP workers (Ray Train when > 1)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help='existing Ray cluster, e.g. "auto"')] = None,
+) -> None:
+    """Train an atlas on a CELLxGENE Census slice (obs value_filter, genes by feature_id, study =
+    dataset_id): prepare → train → export → evaluate, as `run`."""
+    from pipelines.census import run_census
+    from scproto_scale.config import CensusRunConfig
+
+    try:
+        cfg = _config(config, set_, workers, ray_address, model=CensusRunConfig)
+        report = run_census(cfg, out, resume=not fresh, console=console)
+    except ScprotoInputError as e:
+        _fail(e)
+    if report is not None:
+        _summary(report)
+        console.print(f"atlas: {out / 'atlas'}")
+
+
 def _config(path: Path, overrides: list[str] | None, workers: int | None,
-            ray_address: str | None):
-    from scproto_scale.config import load_config
+            ray_address: str | None, model=None):
+    from scproto_scale.config import RunConfig, load_config
 
     extra = [f"distributed.workers={workers}"] if workers is not None else []
     extra += [f"distributed.ray_address={ray_address}"] if ray_address else []
-    return load_config(path, (overrides or []) + extra)
+    return load_config(path, (overrides or []) + extra, model=model or RunConfig)
 
 
 @app.command()
 def embed(
     atlas: Annotated[Path, typer.Argument(help="prototype atlas directory")],
-    input: Annotated[Path, typer.Argument(help="h5ad file, zarr or SOMA store (X = counts)")],
+    input: Annotated[Path, typer.Argument(help="zarr or SOMA store, or h5ad file (X = counts)")],
     batch_key: Annotated[str, typer.Option(help="obs column of the study")],
-    out: Annotated[Path, typer.Option("--out", help="output .h5ad with obs/obsm results")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="new .h5ad or .zarr with the results (default: write into the store)")] = None,
+    work_dir: Annotated[Path | None, typer.Option(
+        help="chunk results and progress (default: INPUT.embed beside the input)")] = None,
+    chunk_size: int = 8192,
+    workers: Annotated[int, typer.Option(help="Ray actors over chunk ranges")] = 1,
+    ray_address: Annotated[str | None, typer.Option(help='existing Ray cluster, e.g. "auto"')] = None,
+    min_overlap: Annotated[float, typer.Option(help="refuse below this atlas-gene overlap")] = 0.8,
+    obs_filter: Annotated[str | None, typer.Option(
+        help="SOMA obs value_filter, e.g. \"is_primary_data == True\"")] = None,
+    fresh: Annotated[bool, typer.Option(help="discard partial results in the work directory")] = False,
 ) -> None:
-    """Embed cells with a trained atlas: obsm X_scproto, obs scproto_prototype / scproto_confidence."""
-    import anndata as ad
-    import pandas as pd
-
-    from scproto_scale.atlas.atlas import PrototypeAtlas
-    from scproto_scale.data.store import detect_format, open_store
-    from scproto_scale.data.writers import write_h5ad_atomic
+    """Stream cells through the frozen atlas: obsm X_scproto, obs scproto_prototype /
+    scproto_confidence and, when the atlas has prototype labels, scproto_label /
+    scproto_label_uncertainty. Chunked and resumable: rerun the same command after an
+    interruption. Gene overlap report: WORK/genes.json.
+    """
+    from scproto_scale.atlas.embed_job import EmbedJob, run_embed
+    from scproto_scale.config import EmbedConfig
+    from scproto_scale.data.ingest import ingest
+    from scproto_scale.data.store import detect_format
 
     try:
-        a = PrototypeAtlas.load(atlas)
-        if detect_format(input) == "h5ad":
-            adata = a.embed_adata(ad.read_h5ad(input), batch_key)
-        else:
-            store = open_store(input)
-            e = a.embed_store(store, batch_key)
-            adata = ad.AnnData(obs=pd.DataFrame({batch_key: store.obs_column(batch_key).to_numpy()},
-                                                index=[str(i) for i in range(store.n_obs)]))
-            adata.obsm["X_scproto"] = e.X_scproto
-            adata.obs["scproto_prototype"] = e.prototype
-            adata.obs["scproto_confidence"] = e.confidence
-        write_h5ad_atomic(adata, out)
+        cfg = EmbedConfig(batch_key=batch_key, chunk_size=chunk_size, workers=workers,
+                          ray_address=ray_address, min_overlap=min_overlap)
+        work = work_dir or input.with_name(input.name + ".embed")
+        fmt = detect_format(input)
+        store = input
+        if fmt == "h5ad":
+            if out is None:
+                raise ScprotoInputError(f"{input} is an h5ad file: give --out (results are not "
+                                        "written into h5ad inputs)")
+            store = work / "store.zarr"
+            if not store.exists():
+                ingest(input, store, fmt="zarr")
+        opts = {"obs_value_filter": obs_filter} if obs_filter else {}
+        if obs_filter and fmt != "soma":
+            raise ScprotoInputError("--obs-filter applies to SOMA experiments only")
+        summary = run_embed(EmbedJob(str(atlas), str(store), str(work), cfg, opts), out,
+                            fresh=fresh)
     except ScprotoInputError as e:
         _fail(e)
-    console.print(f"wrote {out}")
+    console.print(summary)
+    console.print(f"wrote {summary['target']}")
 
+
+@app.command("map-query")
+def map_query(
+    atlas: Annotated[Path, typer.Argument(help="reference prototype atlas directory")],
+    input: Annotated[Path, typer.Argument(help="query zarr / SOMA store or h5ad (X = counts)")],
+    batch_key: Annotated[str, typer.Option(help="obs column of the study")],
+    out: Annotated[Path, typer.Option("--out", help="the extended atlas directory")],
+    epochs: Annotated[int, typer.Option(help="surgery epochs (0: untrained new rows)")] = 20,
+    lr: float = 5e-3, lambda_swav: float = 0.0, seed: int = 0,
+) -> None:
+    """scArches surgery: add the query's unseen studies to the atlas and train only their
+    condition-embedding rows and θ columns (the reference part stays bit-identical).
+    Then `scproto-scale embed OUT INPUT` maps the query with them."""
+    import anndata as ad
+
+    from scproto_scale.atlas.atlas import PrototypeAtlas
+    from scproto_scale.atlas.surgery import train_query_studies
+    from scproto_scale.config import SurgeryConfig
+    from scproto_scale.data.ingest import ingest
+    from scproto_scale.data.store import detect_format, open_store
+
+    try:
+        ref = PrototypeAtlas.load(atlas)
+        store_path = input
+        if detect_format(input) == "h5ad":
+            store_path = out.with_name(out.name + ".query.zarr")
+            if not store_path.exists():
+                ingest(input, store_path, fmt="zarr")
+        cfg = SurgeryConfig(epochs=epochs, lr=lr, lambda_swav=lambda_swav)
+        new, history = train_query_studies(ref, open_store(store_path), batch_key, cfg, seed=seed)
+        mc = atlas / "metacells.h5ad"  # prototypes are unchanged: keep the reference metacells
+        new.save(out, ad.read_h5ad(mc) if mc.exists() else None)
+    except ScprotoInputError as e:
+        _fail(e)
+    console.print({"new_studies": new.meta["surgery"]["new_studies"],
+                   "final_loss": history[-1]["loss"] if history else None})
+    console.print(f"wrote {out}")
 
 
 @app.command()

@@ -286,3 +286,62 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ScprotoInputError(
             f"invalid config{f' {path}' if path else ''}:\n" + "\n".join(lines)
         ) from None
+
+
+class SurgeryConfig(_Strict):
+    """Query mapping of unseen studies (scArches surgery as in scPoli; method.md §8).
+
+    Only the new studies' condition-embedding rows and dispersion (θ) columns are trained; every
+    reference parameter stays frozen and bit-identical.
+    """
+
+    epochs: int = Field(20, ge=0, description="passes over the query cells (0: untrained rows)")
+    batch_size: int = Field(256, gt=1)
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the new rows")
+    kl_weight: float | None = Field(None, ge=0, description="β of the CVAE loss (default: model's)")
+    lambda_swav: float = Field(
+        0.0, ge=0, description="optional per-study SwAV against the frozen prototypes")
+    chunk_size: int = Field(8192, gt=0, description="store rows read at a time")
+
+
+class EmbedConfig(_Strict):
+    """``scproto-scale embed``: stream a store through the frozen atlas (method.md §8)."""
+
+    batch_key: str = Field(description="obs column of the study")
+    chunk_size: int = Field(8192, gt=0, description="cells per chunk (the unit of resumption)")
+    min_overlap: float = Field(0.8, ge=0, le=1, description="refuse below this gene overlap")
+    workers: int = Field(1, gt=0, description="Ray actors over chunk ranges when > 1")
+    ray_address: str | None = Field(None, description='existing Ray cluster, e.g. "auto"')
+    label_column: str = Field("majority_label", description="metacells.h5ad obs label column")
+    label_temperature: float = Field(
+        0.05, gt=0, description="softmax temperature over prototype cosines for label transfer")
+
+
+class CensusConfig(_Strict):
+    """Which cells and genes of the CELLxGENE Census to train on (``pipelines/census.py``)."""
+
+    census_version: str = Field("stable", description='Census release, e.g. "2025-01-30"')
+    uri: str | None = Field(
+        None, description="a SOMA experiment with the Census schema to use instead of the "
+        "hosted Census (local copies, tests); default: cellxgene_census.open_soma")
+    organism: str = Field("homo_sapiens", description="census_data experiment")
+    measurement: str = "RNA"
+    layer: str = Field("raw", description="X layer with raw counts")
+    obs_value_filter: str = Field(
+        "is_primary_data == True", description="SOMA value_filter on obs (tissue, assay, …)")
+    genes: list[str] | None = Field(None, description="feature_ids to keep (default: all)")
+    genes_file: str | None = Field(None, description="file with one feature_id per line")
+    study_key: str = Field("dataset_id", description="obs column used as the study / batch")
+    label_key: str | None = Field(None, description="obs column of cell types (evaluation)")
+
+
+class CensusRunConfig(_Strict):
+    """``scproto-scale census CONFIG``: train an atlas on a Census slice."""
+
+    seed: int = 0
+    census: CensusConfig = CensusConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()

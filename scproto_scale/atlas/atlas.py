@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from scproto_scale.atlas.genes import align_genes, gene_selector
+from scproto_scale.atlas.genes import GeneAlignment, align_to_model, gene_selector
 from scproto_scale.config import ModelConfig
 from scproto_scale.data.store import CellStore
 from scproto_scale.errors import ScprotoInputError
@@ -102,7 +102,10 @@ class PrototypeAtlas:
         x = torch.from_numpy(np.asarray(counts.toarray(), dtype=np.float32))
         lib = torch.from_numpy(np.asarray(library, dtype=np.float32))
         cond = torch.from_numpy(np.asarray(condition, dtype=np.int64))
-        emb = cvae.embed_condition(cond.clamp(min=0))
+        # max-norm applied functionally: nn.Embedding(max_norm) renormalises looked-up rows of
+        # the atlas in place, which would change a saved reference after embedding a query
+        w = cvae.condition_embedding.weight
+        emb = (w / w.norm(dim=1, keepdim=True).clamp(min=1.0))[cond.clamp(min=0)]
         unseen = cond < 0
         if unseen.any():
             emb[unseen] = cvae.mean_condition_embedding()
@@ -115,9 +118,20 @@ class PrototypeAtlas:
         best = sims.argmax(axis=1)
         return best.astype(np.int64), sims[np.arange(len(best)), best].astype(np.float32)
 
+    def align(self, var: pd.DataFrame, min_overlap: float = 0.8, source: str = "input"
+              ) -> GeneAlignment:
+        """Map the atlas genes onto a dataset's var (stable ids first; see
+        :func:`~scproto_scale.atlas.genes.align_to_model`).
+
+        Raises:
+            ScprotoInputError: overlap below ``min_overlap`` (numbers and id namespaces named).
+        """
+        return align_to_model(var, self.genes, self.meta.get("gene_stable_ids"), min_overlap,
+                              source)
+
     def _chunks(self, store: CellStore, batch_key: str, chunk_size: int
                 ) -> Iterator[tuple[sp.csr_matrix, np.ndarray, np.ndarray]]:
-        select = gene_selector(align_genes(store.var_names, self.genes, source=str(store.path)),
+        select = gene_selector(self.align(store.var, source=str(store.path)).columns,
                                store.n_vars)
         codes = self._condition_codes(store.obs_column(batch_key).astype(str).to_numpy())
         for start, stop, X in store.iter_chunks(chunk_size):
@@ -148,7 +162,7 @@ class PrototypeAtlas:
         if batch_key not in adata.obs:
             raise ScprotoInputError(f"obs column {batch_key!r} not in AnnData; "
                                     f"columns: {list(adata.obs.columns)}")
-        cols = align_genes(adata.var_names, self.genes)
+        cols = self.align(adata.var).columns
         codes = self._condition_codes(adata.obs[batch_key].astype(str).to_numpy())
         X = sp.csr_matrix(adata.X, dtype=np.float32)
         lib = np.asarray(X.sum(axis=1)).ravel()

@@ -34,6 +34,9 @@ class SomaCellStore(CellStore):
             ``axis_query``.
         genes: keep only these gene ids, in this order (a Census ``var_query`` by
             ``feature_id``); ids the experiment lacks are an error naming them.
+        tiledb_config: TileDB configuration of the context (e.g. the Census's anonymous S3
+            access: ``vfs.s3.region``, ``vfs.s3.no_sign_request``); plain values, so that a
+            training job can reopen the same store on every worker.
 
     Raises:
         ScprotoInputError: unknown measurement, layer or var column; duplicate gene ids; a
@@ -48,9 +51,13 @@ class SomaCellStore(CellStore):
         var_id_column: str | None = None,
         obs_value_filter: str | None = None,
         genes: list[str] | None = None,
+        tiledb_config: dict | None = None,
     ):
+        self.uri = str(path)  # may be remote (s3://…): Path() would mangle it
         self.path = Path(path)
-        self._exp = tiledbsoma.Experiment.open(str(self.path))
+        context = (tiledbsoma.SOMATileDBContext(tiledb_config=dict(tiledb_config))
+                   if tiledb_config else None)
+        self._exp = tiledbsoma.Experiment.open(self.uri, context=context)
         if measurement not in self._exp.ms:
             raise ScprotoInputError(
                 f"SOMA experiment {self.path} has no measurement {measurement!r}; "

@@ -158,7 +158,8 @@ def open_store(path: str | Path, **kwargs) -> CellStore:
     Raises:
         ScprotoInputError: missing path, unknown format, or an h5ad (ingest it first).
     """
-    fmt = detect_format(path)
+    # remote URIs (the Census on S3) are SOMA experiments; they cannot be probed on disk
+    fmt = "soma" if "://" in str(path) else detect_format(path)
     if fmt == "zarr":
         from scproto_scale.data.zarr_store import ZarrCellStore
 

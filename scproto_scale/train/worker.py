@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,8 @@ class TrainJob:
         seed: the run's seed.
         resume: continue from the latest checkpoint in ``checkpoint_dir``.
         fault_injection: ``"RANK:EPOCH:STEP:MARKER"`` kills one worker once (tests only).
+        store_options: keyword arguments to reopen the store on a worker (SOMA
+            ``obs_value_filter``, ``genes``, ``var_id_column``, ``tiledb_config``: a Census query).
     """
 
     store_path: str
@@ -36,13 +38,14 @@ class TrainJob:
     seed: int = 0
     resume: bool = False
     fault_injection: str | None = None
+    store_options: dict = field(default_factory=dict)
 
 
 def run_worker(job: TrainJob, resume_from: Path | None = None,
                on_checkpoint: CheckpointHook | None = None, device: torch.device | None = None,
                console: Console | None = None) -> TrainResult:
     """Open the store and the artefacts on this worker and train (see :func:`train`)."""
-    store = open_store(job.store_path)
+    store = open_store(job.store_path, **job.store_options)
     prepared = Prepared.load(job.prepared_path)
     fault = FaultInjection.parse(job.fault_injection) if job.fault_injection else None
     return train(store, prepared, job.model, job.train, job.checkpoint_dir, seed=job.seed,
