@@ -93,7 +93,7 @@ def source_path(ds: Dataset) -> Path:
 
 
 def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacells: bool,
-             notes: list[str], figure: bool, resume: bool = False) -> tuple[dict[str, dict[str, float]], dict]:
+             notes: list[str], figure: bool, resume: bool = False, vae_epochs: int | None = None) -> tuple[dict[str, dict[str, float]], dict]:
     """All methods on one dataset and seed → ``({method: {metric: value}}, run info)``."""
     path = source_path(ds)
     out = RUNS / name / f"seed{seed}"
@@ -124,7 +124,7 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
     labels = emb.obs[ds.label_key].astype(str).to_numpy()
     studies = src.obs[ds.study_key].astype(str).to_numpy()[rows]
     pca = np.asarray(emb.obsm["X_pca_unintegrated"], dtype=np.float32)
-    epochs = baselines.default_epochs(len(rows))
+    epochs = vae_epochs or baselines.default_epochs(len(rows))
     info = {"n_cells": len(rows), "n_genes_model": len(genes), "vae_epochs": epochs,
             "scproto_epochs": cfg.train.epochs, "stages_s": st}
     notes += input_warnings(labels, batches, studies)
@@ -134,22 +134,35 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
     for method, fn in (("harmony", lambda: baselines.harmony_embedding(pca, batches, seed)),
                        ("scvi", lambda: baselines.scvi_embedding(hvg, batches, seed, epochs)),
                        ("scpoli", lambda: baselines.scpoli_embedding(hvg, batches, seed, epochs))):
-        try:
-            Z, t = fn()
-        except baselines.BaselineUnavailable as e:
-            notes.append(f"{method} skipped: {e}")
-            continue
+        cached = out / f"baseline_{method}_e{epochs}.npz"
+        if resume and cached.exists():  # an interrupted benchmark: reuse embedding and time
+            z = np.load(cached)
+            Z, t = z["Z"], float(z["seconds"])
+        else:
+            try:
+                Z, t = fn()
+            except baselines.BaselineUnavailable as e:
+                notes.append(f"{method} skipped: {e}")
+                continue
+            np.savez(cached, Z=Z, seconds=t)
         obsm[method], wall[method] = Z, t + (st["prepare"] if method == "harmony" else 0.0)
         print(f"[{name} seed {seed}] {method}: {t:.0f} s", flush=True)
+    # scib-metrics overwrites obsm["X_pca"]: the PCA is scored under another key.
+    keys = {m: "X_pca_unintegrated" if m == "pca" else f"X_{m}" for m in obsm}
     cells = ad.AnnData(obs=emb.obs[[ds.batch_key, ds.label_key]].copy(),
-                       obsm={f"X_{m}": np.ascontiguousarray(z, dtype=np.float32)
+                       obsm={keys[m]: np.ascontiguousarray(z, dtype=np.float32)
                              for m, z in obsm.items()})
     t = time.perf_counter()
-    scores, score_notes = score_embeddings(
-        cells, ad.AnnData(X=counts_all.astype(np.float32), obs=cells.obs.copy()),
-        {m: f"X_{m}" for m in obsm}, ds.batch_key, ds.label_key, "X_pca", seed)
+    cached = out / f"scores_{'_'.join(obsm)}_e{epochs}.json"
+    if resume and cached.exists():
+        scores, score_notes, info["scoring_s"] = json.loads(cached.read_text())
+    else:
+        scores, score_notes = score_embeddings(
+            cells, ad.AnnData(X=counts_all.astype(np.float32), obs=cells.obs.copy()),
+            keys, ds.batch_key, ds.label_key, "X_pca_unintegrated", seed)
+        info["scoring_s"] = round(time.perf_counter() - t, 1)
+        cached.write_text(json.dumps([scores, score_notes, info["scoring_s"]]))
     notes += score_notes
-    info["scoring_s"] = round(time.perf_counter() - t, 1)
 
     # Metacells: scProto's prototypes vs k-means / SEACells with as many metacells.
     proto = emb.obs["scproto_prototype"].astype(int).to_numpy()
@@ -240,6 +253,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="scProto config override key.sub=value (default: config defaults)")
     ap.add_argument("--no-seacells", action="store_true")
+    ap.add_argument("--vae-epochs", type=int, default=None,
+                    help="scVI / scPoli epochs (default: baselines.default_epochs)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse finished scProto stages under runs/quality (times of the run "
                          "that did them)")
@@ -260,7 +275,8 @@ def main() -> None:
             per_seed, infos = [], []
             for seed in range(seeds):
                 scores, info = run_seed(name, ds, seed, args.overrides, not args.no_seacells,
-                                        notes, figure=seed == 0, resume=args.resume)
+                                        notes, figure=seed == 0, resume=args.resume,
+                                        vae_epochs=args.vae_epochs)
                 per_seed.append(scores)
                 infos.append(info)
                 print(json.dumps({m: {k: round(v, 3) for k, v in s.items()

@@ -96,9 +96,8 @@ def partition_quality(assign: np.ndarray, rep: np.ndarray, counts, labels: np.nd
     X = sp.csr_matrix(counts, dtype=np.float64)
     lib = np.asarray(X.sum(axis=1)).ravel()
     Xn = sp.diags(1e4 / np.maximum(lib, 1)) @ X
-    mean = onehot @ Xn / sizes[:, None]
-    var = (onehot @ Xn.multiply(Xn) / sizes[:, None] - np.asarray(mean) ** 2).clip(min=0)
-    mean, var = np.asarray(mean), np.asarray(var)
+    mean = (onehot @ Xn).toarray() / sizes[:, None]  # (m, G): small, metacells × genes
+    var = ((onehot @ Xn.multiply(Xn)).toarray() / sizes[:, None] - mean**2).clip(min=0)
     inv = [np.percentile(var[k][mean[k] > 0] / mean[k][mean[k] > 0], 95)
            for k in range(m) if sizes[k] >= 2 and (mean[k] > 0).any()]
     n_studies = pd.crosstab(assign, np.asarray(studies).astype(str)).gt(0).sum(axis=1)
