@@ -177,3 +177,28 @@ def test_marker_classification_fig2(muscat):
     f1 = r["f1"]
     assert set(f1) == {"cell_markers", "metacell_markers:kmeans", "embedding:pca"}
     assert all(0.3 < v <= 1 for v in f1.values())
+
+
+def test_quality_tables_show_missing_values_with_their_reason(tmp_path):
+    from scproto_scale.evaluate.quality_report import plot_f1_bars, write_quality_markdown
+
+    def mv(mean, sd=0.0, n=1):
+        return {"mean": mean, "sd": sd, "n": n}
+
+    data = {"toy": {
+        "scproto": {"scib_total": mv(0.61, 0.01, 3), "nk_vs_cd8_f1": mv(0.9),
+                    "nk_vs_cd8_f1_metacell_markers": mv(0.95), "wall_time_s": mv(12.0)},
+        "scvi": {"scib_total": mv(0.58, 0.02, 3), "nk_vs_cd8_f1": mv(0.85)},
+        "single_cell_markers": {"nk_vs_cd8_f1": mv(0.7)},
+        "_run": {"description": "toy set", "seeds": [0, 1, 2],
+                 "warnings": ["scvi: scgraph_corr_weighted is undefined on this input (NaN)"]},
+    }}
+    md = tmp_path / "q.md"
+    write_quality_markdown(data, md)
+    text = md.read_text()
+    assert "| scib_total | 0.610 ± 0.010 | 0.580 ± 0.020 | n/a |" in text
+    assert "| wall_time_s | 12.0 | n/a | n/a |" in text
+    assert "- scvi: scgraph_corr_weighted is undefined" in text and "| nan" not in text.lower()
+    assert plot_f1_bars(data["toy"], "toy", tmp_path / "f1.png")
+    assert (tmp_path / "f1.png").stat().st_size > 1000
+    assert not plot_f1_bars({"pca": {"scib_total": mv(0.5)}}, "none", tmp_path / "none.png")
