@@ -101,15 +101,18 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
                                    "label_key": ds.label_key},
             "evaluate": {"enabled": False}, "train": {"progress": False}}
     cfg = load_config(None, overrides, base=base)
-    earlier = out / "report.json"
-    earlier_st = json.loads(earlier.read_text())["stages_s"] if resume and earlier.exists() \
-        else None
+    # A resumed run reuses finished stages: its times are those of the run that did them,
+    # kept in scproto_stages.json (report.json is rewritten by every run).
+    measured = out / "scproto_stages.json"
+    earlier_st = json.loads(measured.read_text()) if resume and measured.exists() else None
     report = run(cfg, out, resume=resume)
-    # A resumed run reuses finished stages: its times are those of the run that did them.
     st = earlier_st or report["stages_s"]
-    if earlier_st is None and resume and report["stages_s"]["train"] < 1:
-        notes.append(f"{name} seed {seed}: scProto reused from an interrupted run; its "
-                     "train time is not measured")
+    if earlier_st is None:
+        if resume and report["stages_s"]["train"] < 1:
+            notes.append(f"{name} seed {seed}: scProto reused from an interrupted run; its "
+                         "train time is not measured")
+        else:
+            measured.write_text(json.dumps(st))
 
     emb = ad.read_h5ad(out / "embeddings.h5ad")
     rows = emb.obs["store_row"].to_numpy()
