@@ -30,7 +30,7 @@ def faiss_neighbors(X: np.ndarray, k: int) -> NeighborsResults:
 
 
 def scib_scores(adata: ad.AnnData, batch_key: str, label_key: str, embedding_keys: list[str],
-                unintegrated_key: str) -> dict[str, dict[str, float]]:
+                unintegrated_key: str, batch_metrics: bool = True) -> dict[str, dict[str, float]]:
     """scIB metrics of several embeddings of the same cells.
 
     Args:
@@ -38,6 +38,8 @@ def scib_scores(adata: ad.AnnData, batch_key: str, label_key: str, embedding_key
         batch_key, label_key: obs columns.
         embedding_keys: obsm keys to score (never ``"X_pca"``: scib-metrics overwrites it).
         unintegrated_key: obsm key of the unintegrated PCA (the PCR comparison reference).
+        batch_metrics: False skips batch correction (e.g. one batch only: it is undefined);
+            the result then has no ``scib_batch`` and ``scib_total``.
 
     Returns:
         ``{key: {metric: value, "scib_batch", "scib_bio", "scib_total"}}`` (unscaled).
@@ -46,7 +48,8 @@ def scib_scores(adata: ad.AnnData, batch_key: str, label_key: str, embedding_key
         adata, batch_key=batch_key, label_key=label_key, embedding_obsm_keys=embedding_keys,
         pre_integrated_embedding_obsm_key=unintegrated_key,
         bio_conservation_metrics=BioConservation(),
-        batch_correction_metrics=BatchCorrection(), n_jobs=1, progress_bar=False,
+        batch_correction_metrics=BatchCorrection() if batch_metrics else None, n_jobs=1,
+        progress_bar=False,
     )
     bm.prepare(neighbor_computer=faiss_neighbors)
     bm.benchmark()
