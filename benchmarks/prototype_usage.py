@@ -1,0 +1,84 @@
+"""Prototype usage at K = 4,096 with 256 cells per study group, by training length and queue.
+
+    python benchmarks/prototype_usage.py --epochs 6 --queue-lengths 0,4096 [--soft-codes]
+
+The setting of ``benchmarks/distributed.py``'s queue part (6,000 synthetic cells, 4 studies,
+1,024 anchors per step: 6 steps per epoch), trained longer or with other queue lengths. Prints
+one JSON line per run and appends it to ``benchmarks/results/prototype_usage.json``:
+``mu_perplexity`` / ``used`` are over every cell's nearest prototype of its mean embedding
+(what the atlas reports), ``train_perplexity`` the per-epoch perplexity of the training
+assignments. One thread per run (runs are meant to go side by side on this 2-core box).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scproto_scale.atlas.atlas import PrototypeAtlas
+from scproto_scale.config import ModelConfig, PrepareConfig, TrainConfig
+from scproto_scale.data.ingest import ingest
+from scproto_scale.data.store import open_store
+from scproto_scale.prepare.artefacts import Prepared
+from scproto_scale.prepare.run import prepare
+from scproto_scale.simulate import write_simulated_atlas
+from scproto_scale.train.loop import prototype_perplexity
+from scproto_scale.train.worker import TrainJob, run_worker
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--n-cells", type=int, default=6000)
+    ap.add_argument("--queue-lengths", default="0", help="comma-separated, per study")
+    ap.add_argument("--soft-codes", action="store_true")
+    ap.add_argument("--root", type=Path, default=Path("runs/prototype_usage"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    root = args.root
+    root.mkdir(parents=True, exist_ok=True)
+    store_path = root / f"sim{args.n_cells}.zarr"
+    if not store_path.exists():
+        h5ad = write_simulated_atlas(root / f"sim{args.n_cells}.h5ad", n_cells=args.n_cells,
+                                     n_genes=1000, n_studies=4, seed=2)
+        ingest(h5ad, store_path)
+    store = open_store(store_path)
+    prep_path = root / f"sim{args.n_cells}.prepared"
+    prep = (Prepared.load(prep_path) if prep_path.exists() else
+            prepare(store, prep_path, "study",
+                    PrepareConfig(n_top_genes=500, n_pcs=30, n_neighbors=15)))
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=1024, min_cells_per_study=256,
+                            n_views=4, progress=False, lr=0.01, num_threads=1)
+    dest = Path(__file__).parent / "results" / "prototype_usage.json"
+    for queue_length in (int(q) for q in args.queue_lengths.split(",")):
+        model_cfg = ModelConfig(n_prototypes=4096, latent_dim=32, queue_length=queue_length,
+                                queue_start_epoch=1, hard_codes=not args.soft_codes)
+        ckpt = root / f"ck_q{queue_length}_{'soft' if args.soft_codes else 'hard'}"
+        shutil.rmtree(ckpt, ignore_errors=True)
+        t0 = time.perf_counter()
+        res = run_worker(TrainJob(str(store.path), str(prep.path), model_cfg, train_cfg,
+                                  str(ckpt), seed=0))
+        emb = PrototypeAtlas(res.model, prep.genes, prep.studies, {}).embed_store(store, "study")
+        usage = torch.bincount(torch.from_numpy(np.asarray(emb.prototype, dtype=np.int64)),
+                               minlength=4096)
+        row = {"K": 4096, "cells_per_study_group": 256, "n_cells": args.n_cells,
+               "epochs": args.epochs,
+               "queue_length": queue_length, "hard_codes": not args.soft_codes,
+               "train_s": round(time.perf_counter() - t0, 1),
+               "mu_perplexity": round(prototype_perplexity(usage), 1),
+               "used": int((usage > 0).sum()),
+               "train_perplexity": [h["prototype_perplexity"] for h in res.history],
+               "machine": "2-core shared box, no GPU, 1 thread"}
+        print(json.dumps(row), flush=True)
+        rows = json.loads(dest.read_text()) if dest.exists() else []
+        dest.write_text(json.dumps([*rows, row], indent=1))
+
+
+if __name__ == "__main__":
+    main()
