@@ -30,8 +30,9 @@ CFG = {
     "data": {"batch_key": "study", "label_key": "cell_type"},
     "prepare": {"n_top_genes": 200, "n_pcs": 20, "n_neighbors": 15},
     "model": {"n_prototypes": 24, "latent_dim": 8},
+    # lr pinned: the fixture's atlas is a tiny 3-epoch model, independent of package defaults
     "train": {"epochs": 3, "batch_size": 256, "min_cells_per_study": 64, "n_views": 4,
-              "progress": False},
+              "lr": 1e-3, "progress": False},
     "evaluate": {"enabled": False},
 }
 
