@@ -68,7 +68,7 @@ def view_fractions(prepared: Path, labels: np.ndarray, core: np.ndarray, cell_ty
     from scproto_scale.config import TrainConfig
     from scproto_scale.data.loader import draw_neighbours
     from scproto_scale.prepare.artefacts import Prepared
-    from scproto_scale.prepare.snn import snn_jaccard
+    from scproto_scale.prepare.snn import snn_jaccard, snn_sampling_weights
 
     prep = Prepared.load(prepared)
     cells = np.asarray(prep.cells)
@@ -78,7 +78,7 @@ def view_fractions(prepared: Path, labels: np.ndarray, core: np.ndarray, cell_ty
     lab = labels[cells]
     jaccard = snn_jaccard(knn, np.arange(len(cells)))
     prune = TrainConfig().snn_prune
-    weights = {"uniform": None, "snn": np.where(jaccard > prune, jaccard, 0.0)}
+    weights = {"uniform": None, "snn": snn_sampling_weights(jaccard, prune)}
     out = {}
     for who, mask in (("all", lab == cell_type), ("core", core[cells])):
         anchors = np.where(mask)[0].repeat(20)

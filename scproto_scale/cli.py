@@ -86,23 +86,28 @@ def prepare_cmd(
     console.print(f"prepared {p.meta['n_cells']} cells, {len(p.genes)} genes → {p.path}")
 
 
+# Options shared by the commands that run the atlas job.
+OutDir = Annotated[Path, typer.Option("--out", help="output directory")]
+Overrides = Annotated[list[str] | None,
+                      typer.Option("--set", help="override, e.g. train.epochs=5")]
+Fresh = Annotated[bool, typer.Option(help="recompute every stage instead of resuming")]
+Workers = Annotated[int | None, typer.Option(help="DDP workers (Ray Train when > 1)")]
+RayAddress = Annotated[str | None, typer.Option(help='existing Ray cluster, e.g. "auto"')]
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/)")],
-    out: Annotated[Path, typer.Option("--out", help="output directory")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.epochs=5")] = None,
-    fresh: Annotated[bool, typer.Option(help="recompute every stage instead of resuming")] = False,
-    workers: Annotated[int | None, typer.Option(help="DDP workers (Ray Train when > 1)")] = None,
-    ray_address: Annotated[str | None, typer.Option(help='existing Ray cluster, e.g. "auto"')] = None,
+    out: OutDir,
+    set_: Overrides = None,
+    fresh: Fresh = False,
+    workers: Workers = None,
+    ray_address: RayAddress = None,
 ) -> None:
     """The whole job: ingest → prepare → train → export atlas → evaluate (report in OUT)."""
     from pipelines.atlas_job import run as run_job
 
-    try:
-        cfg = _config(config, set_, workers, ray_address)
-        report = run_job(cfg, out, resume=not fresh, console=console)
-    except ScprotoInputError as e:
-        _fail(e)
+    report = _run_job(run_job, config, set_, workers, ray_address, out, resume=not fresh)
     if report is not None:  # torchrun: only rank 0 evaluates
         _summary(report)
         console.print(f"report: {out / 'report.md'}")
@@ -111,11 +116,11 @@ def run(
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config")],
-    out: Annotated[Path, typer.Option("--out")],
-    set_: Annotated[list[str] | None, typer.Option("--set")] = None,
+    out: OutDir,
+    set_: Overrides = None,
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
-    workers: Annotated[int | None, typer.Option(help="DDP workers (Ray Train when > 1)")] = None,
-    ray_address: Annotated[str | None, typer.Option(help='existing Ray cluster, e.g. "auto"')] = None,
+    workers: Workers = None,
+    ray_address: RayAddress = None,
 ) -> None:
     """Ingest, prepare and train, then export the prototype atlas to OUT/atlas (no evaluation).
 
@@ -125,11 +130,8 @@ def train(
     """
     from pipelines.atlas_job import run as run_job
 
-    try:
-        cfg = _config(config, (set_ or []) + ["evaluate.enabled=false"], workers, ray_address)
-        report = run_job(cfg, out, resume=resume, console=console)
-    except ScprotoInputError as e:
-        _fail(e)
+    report = _run_job(run_job, config, (set_ or []) + ["evaluate.enabled=false"], workers,
+                      ray_address, out, resume=resume)
     if report is not None:
         console.print(f"atlas: {out / 'atlas'}")
 
@@ -137,34 +139,37 @@ def train(
 @app.command()
 def census(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/census_*.yaml)")],
-    out: Annotated[Path, typer.Option("--out", help="output directory")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.epochs=5")] = None,
-    fresh: Annotated[bool, typer.Option(help="recompute every stage instead of resuming")] = False,
-    workers: Annotated[int | None, typer.Option(help="DDP workers (Ray Train when > 1)")] = None,
-    ray_address: Annotated[str | None, typer.Option(help='existing Ray cluster, e.g. "auto"')] = None,
+    out: OutDir,
+    set_: Overrides = None,
+    fresh: Fresh = False,
+    workers: Workers = None,
+    ray_address: RayAddress = None,
 ) -> None:
     """Train an atlas on a CELLxGENE Census slice (obs value_filter, genes by feature_id, study =
     dataset_id): prepare → train → export → evaluate, as `run`."""
     from pipelines.census import run_census
     from scproto_scale.config import CensusRunConfig
 
-    try:
-        cfg = _config(config, set_, workers, ray_address, model=CensusRunConfig)
-        report = run_census(cfg, out, resume=not fresh, console=console)
-    except ScprotoInputError as e:
-        _fail(e)
+    report = _run_job(run_census, config, set_, workers, ray_address, out, resume=not fresh,
+                      model=CensusRunConfig)
     if report is not None:
         _summary(report)
         console.print(f"atlas: {out / 'atlas'}")
 
 
-def _config(path: Path, overrides: list[str] | None, workers: int | None,
-            ray_address: str | None, model=None):
+def _run_job(job, path: Path, overrides: list[str] | None, workers: int | None,
+             ray_address: str | None, out: Path, resume: bool, model=None) -> dict | None:
+    """Load the config (``--workers`` / ``--ray-address`` folded into it) and run ``job``;
+    input errors exit with their message. Returns the report (None off rank 0 / no evaluation)."""
     from scproto_scale.config import RunConfig, load_config
 
     extra = [f"distributed.workers={workers}"] if workers is not None else []
     extra += [f"distributed.ray_address={ray_address}"] if ray_address else []
-    return load_config(path, (overrides or []) + extra, model=model or RunConfig)
+    try:
+        cfg = load_config(path, (overrides or []) + extra, model=model or RunConfig)
+        return job(cfg, out, resume=resume, console=console)
+    except ScprotoInputError as e:
+        _fail(e)
 
 
 @app.command()

@@ -14,8 +14,6 @@ written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from scproto_scale.atlas.genes import GeneAlignment, align_to_model, gene_selector
 from scproto_scale.config import ModelConfig
 from scproto_scale.data.store import CellStore
+from scproto_scale.data.writers import atomic_directory
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.model.scproto import ScProto, log_normalize_torch
 from scproto_scale.provenance import versions
@@ -244,10 +243,7 @@ class PrototypeAtlas:
     def save(self, path: str | Path, metacells: ad.AnnData | None = None) -> Path:
         """Write the atlas directory atomically (temporary name, then rename)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_directory(path, mkdir=True) as tmp:
             torch.save(self.model.state_dict(), tmp / "model.pt")
             (tmp / "genes.tsv").write_text("\n".join(self.genes) + "\n")
             np.save(tmp / "prototypes.npy", self.prototypes)
@@ -257,11 +253,6 @@ class PrototypeAtlas:
             (tmp / "atlas.json").write_text(json.dumps(meta, indent=1))
             if metacells is not None:
                 metacells.write_h5ad(tmp / "metacells.h5ad")
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod

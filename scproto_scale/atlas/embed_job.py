@@ -46,7 +46,7 @@ from scproto_scale.atlas.genes import gene_selector
 from scproto_scale.atlas.transfer import LabelTransfer, load_prototype_labels
 from scproto_scale.config import EmbedConfig
 from scproto_scale.data.store import CellStore, detect_format, open_store
-from scproto_scale.data.writers import write_h5ad_atomic
+from scproto_scale.data.writers import atomic_directory, write_h5ad_atomic
 from scproto_scale.errors import ScprotoInputError
 
 log = logging.getLogger(__name__)
@@ -298,15 +298,8 @@ def write_new(emb: ChunkEmbedder, out: Path) -> Path:
         return write_h5ad_atomic(adata, out)
     if out.suffix != ".zarr":
         raise ScprotoInputError(f"--out {out}: expected a .h5ad file or a .zarr store")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(out) as tmp:
         adata.write_zarr(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -8,8 +8,6 @@ complete: a crash leaves no half-written store that looks whole.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -20,6 +18,7 @@ import scipy.sparse as sp
 import zarr
 
 from scproto_scale.data.validate import check_count_chunk, check_unique_genes
+from scproto_scale.data.writers import atomic_directory
 from scproto_scale.errors import ScprotoInputError
 
 log = logging.getLogger(__name__)
@@ -111,21 +110,17 @@ def ingest(
     if dst.exists() and not overwrite:
         raise ScprotoInputError(f"target store {dst} exists; pass overwrite=True / --overwrite")
     adata = _open_h5ad(src)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if fmt == "zarr":
-            _write_zarr(adata, src, tmp, chunk_size)
-        else:
-            for start, _stop, block in _iter_h5ad_chunks(adata, chunk_size):
-                check_count_chunk(block, source=str(src), row_offset=start, require_integer=False)
-            adata.file.close()
-            _write_soma(src, tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        with atomic_directory(dst) as tmp:
+            if fmt == "zarr":
+                _write_zarr(adata, src, tmp, chunk_size)
+            else:
+                for start, _stop, block in _iter_h5ad_chunks(adata, chunk_size):
+                    check_count_chunk(block, source=str(src), row_offset=start,
+                                      require_integer=False)
+                adata.file.close()
+                _write_soma(src, tmp)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if adata.isbacked:
             adata.file.close()
     log.info("ingested %s → %s (%s)", src, dst, fmt)

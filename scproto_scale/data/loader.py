@@ -24,6 +24,7 @@ from scproto_scale.data.batch import ViewBatch
 from scproto_scale.data.sampler import StepDraw, StudyStratifiedSampler
 from scproto_scale.data.store import CellStore
 from scproto_scale.errors import ScprotoInputError
+from scproto_scale.prepare.snn import snn_sampling_weights
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,7 @@ class ViewLoader:
         if self.neighbor_weighting == "distance":
             weights = np.square(np.asarray(self.knn_distances[pos], dtype=np.float64))
         elif self.neighbor_weighting == "snn":
-            jaccard = np.asarray(self.snn_weights[pos])
-            weights = np.where(jaccard > self.snn_prune, jaccard, 0.0)
+            weights = snn_sampling_weights(self.snn_weights[pos], self.snn_prune)
         nbrs = draw_neighbours(np.asarray(self.knn_indices[pos]), self.n_views - 1, rng, weights)
         rows = np.concatenate([self.cells[pos], nbrs.T.reshape(-1)]).astype(np.int64)
         X = self.store.read_rows_unsorted(rows)

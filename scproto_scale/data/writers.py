@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -41,6 +43,26 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@contextmanager
+def atomic_directory(path: str | Path, mkdir: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name beside ``path``; rename it there on success.
+
+    Yields the temporary path (created when ``mkdir``, else left for the writer to create). On
+    a clean exit an existing ``path`` is replaced; on an exception ``path`` is left as it was.
+    The temporary directory never outlives the block.
+    """
+    path = Path(path)
+    tmp = _tmp_of(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if mkdir:
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _commit(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _prepare_target(path: Path, overwrite: bool) -> Path:

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 from scproto_scale.config import PrepareConfig
 from scproto_scale.data.store import CellStore
 from scproto_scale.data.validate import check_count_chunk
+from scproto_scale.data.writers import atomic_directory
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.prepare.artefacts import FORMAT_VERSION, Prepared
 from scproto_scale.prepare.cache import (
@@ -175,10 +176,7 @@ def prepare(
 
     use_cache = cfg.training_cache == "on" or (
         cfg.training_cache == "auto" and len(cells) >= cfg.cache_min_cells)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out, mkdir=True) as tmp:
         # The PCA fit's first pass also spills the model-gene counts (store order, kept cells):
         # the projection and the training cache then read the small spill, not the store.
         spill = SpillWriter(tmp / "spill") if use_cache else None
@@ -268,11 +266,6 @@ def prepare(
             "runtime_s": round(time.perf_counter() - t0, 2),
         }
         (tmp / "prepare.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepare: %d cells, %d genes, %.1fs", len(cells), len(gene_columns),
              time.perf_counter() - t0)
     return Prepared.load(out)

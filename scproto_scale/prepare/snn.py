@@ -57,6 +57,15 @@ def snn_jaccard(knn_indices: np.ndarray, cells: np.ndarray, chunk: int = 2048,
     return out
 
 
+def snn_sampling_weights(jaccard: np.ndarray, prune: float) -> np.ndarray:
+    """View-sampling weights from SNN Jaccard: edges with Jaccard ≤ ``prune`` get 0.
+
+    ``prune`` = 1/15 is Seurat's ``prune.SNN``. Same shape and dtype as ``jaccard``.
+    """
+    jaccard = np.asarray(jaccard)
+    return np.where(jaccard > prune, jaccard, 0.0)
+
+
 def cached_snn_jaccard(path: Path, knn_indices: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """:func:`snn_jaccard`, computed once and kept as a ``.npy`` beside the prepared artefacts.
 
