@@ -1,6 +1,7 @@
 """Prototype usage at K = 4,096 with 256 cells per study group, by training length and queue.
 
-    python benchmarks/prototype_usage.py --epochs 6 --queue-lengths 0,4096 [--soft-codes]
+    python benchmarks/prototype_usage.py --epochs 6 --queue-lengths 0,4096 [--soft-codes] \
+        [--model-set lambda_prop=0 ...]
 
 The setting of ``benchmarks/distributed.py``'s queue part (6,000 synthetic cells, 4 studies,
 1,024 anchors per step: 6 steps per epoch), trained longer or with other queue lengths. Prints
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from scproto_scale.atlas.atlas import PrototypeAtlas
 from scproto_scale.config import ModelConfig, PrepareConfig, TrainConfig
@@ -39,7 +41,10 @@ def main() -> None:
     ap.add_argument("--queue-lengths", default="0", help="comma-separated, per study")
     ap.add_argument("--soft-codes", action="store_true")
     ap.add_argument("--root", type=Path, default=Path("runs/prototype_usage"))
+    ap.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra ModelConfig field, e.g. lambda_prop=0 (repeatable)")
     args = ap.parse_args()
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.model_set)}
     torch.set_num_threads(1)
     root = args.root
     root.mkdir(parents=True, exist_ok=True)
@@ -58,8 +63,9 @@ def main() -> None:
     dest = Path(__file__).parent / "results" / "prototype_usage.json"
     for queue_length in (int(q) for q in args.queue_lengths.split(",")):
         model_cfg = ModelConfig(n_prototypes=4096, latent_dim=32, queue_length=queue_length,
-                                queue_start_epoch=1, hard_codes=not args.soft_codes)
-        ckpt = root / f"ck_q{queue_length}_{'soft' if args.soft_codes else 'hard'}"
+                                queue_start_epoch=1, hard_codes=not args.soft_codes, **extra)
+        tag = "_".join(f"{k}{v}" for k, v in extra.items())
+        ckpt = root / f"ck_q{queue_length}_{'soft' if args.soft_codes else 'hard'}{tag}"
         shutil.rmtree(ckpt, ignore_errors=True)
         t0 = time.perf_counter()
         res = run_worker(TrainJob(str(store.path), str(prep.path), model_cfg, train_cfg,
@@ -69,7 +75,7 @@ def main() -> None:
                                minlength=4096)
         row = {"K": 4096, "cells_per_study_group": 256, "n_cells": args.n_cells,
                "epochs": args.epochs,
-               "queue_length": queue_length, "hard_codes": not args.soft_codes,
+               "queue_length": queue_length, "hard_codes": not args.soft_codes, "model": extra,
                "train_s": round(time.perf_counter() - t0, 1),
                "mu_perplexity": round(prototype_perplexity(usage), 1),
                "used": int((usage > 0).sum()),
