@@ -31,14 +31,14 @@ def read_labelled(name: str, label_key: str = "cell_type", drop: tuple[str, ...]
 
 
 def scvi_latent(counts: np.ndarray, seed: int, max_epochs: int, batch: np.ndarray | None = None,
-                n_latent: int = 10) -> np.ndarray:
+                n_latent: int = 10, num_threads: int = 1) -> np.ndarray:
     """scVI (scvi-tools, Lopez et al. 2018) latent mean of ``(n, G)`` counts."""
     import anndata as ad_
     import scipy.sparse as sp
     import scvi
 
     scvi.settings.seed = seed
-    scvi.settings.num_threads = 2
+    scvi.settings.num_threads = num_threads
     logging.getLogger("scvi").setLevel(logging.WARNING)
     logging.getLogger("lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
