@@ -40,7 +40,15 @@ import anndata as ad
 import numpy as np
 import scanpy as sc
 import torch
-from _companion_common import RESULTS, machine, mean_sd, merge_json, read_labelled, scvi_latent
+from _companion_common import (
+    RESULTS,
+    machine,
+    mean_sd,
+    merge_json,
+    read_labelled,
+    scproto_embed,
+    scvi_latent,
+)
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
@@ -86,22 +94,10 @@ def leiden_k(pcs: np.ndarray, k: int, seed: int) -> np.ndarray:
 def scproto_merged(a: ad.AnnData, genes, k: int, seed: int, epochs: int, workdir: Path,
                    threads: int) -> np.ndarray:
     """Train scProto through the pipeline and merge its prototypes to ``k`` clusters."""
-    from pipelines.atlas_job import run as run_job
-    from scproto_scale.config import load_config
-
-    sub = ad.AnnData(X=a[:, genes].X.copy(), obs={"batch": np.asarray(a.obs["batch"]).astype(str),
-                                                  "cell_type": a.obs["cell_type"].astype(str).to_numpy()})
-    sub.var_names = [str(g) for g in genes]
-    path = workdir / "input.h5ad"
-    sub.write_h5ad(path)
-    cfg = load_config(None, [f"data.path={path}", "data.batch_key=batch", "data.label_key=cell_type",
-                             f"seed={seed}", f"train.epochs={epochs}", "train.batch_size=256",
-                             "train.min_cells_per_study=64", "model.n_prototypes=100",
-                             "model.latent_dim=32", "train.lr=0.01", f"train.num_threads={threads}",
-                             "train.progress=false", "evaluate.enabled=false",
-                             f"prepare.n_top_genes={len(genes)}"])
-    run_job(cfg, workdir / "run", resume=False)
-    e = ad.read_h5ad(workdir / "run" / "embeddings.h5ad")
+    e = scproto_embed(a[:, genes].X.copy(), np.asarray(a.obs["batch"]), genes, seed, epochs,
+                      workdir, ["train.batch_size=256", "train.min_cells_per_study=64",
+                                "model.n_prototypes=100", "model.latent_dim=32", "train.lr=0.01"],
+                      threads)
     rows = e.obs["store_row"].to_numpy()
     proto = e.obs["scproto_prototype"].astype(int).to_numpy()
     used, inv, sizes = np.unique(proto, return_inverse=True, return_counts=True)
@@ -281,8 +277,8 @@ def main() -> None:
         return
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("out", "workdir", "datasets", "markdown_only", "from_logs")}
-    note = (f"nice -n 10, {args.threads} thread(s), on a shared 2-core box with other jobs running: "
-            "wall times measured under contention")
+    note = (f"{args.threads} thread(s) on a shared 2-core box, other jobs running (run nice'd or "
+            "under the bench lock): wall times measured under contention")
 
     for ds in datasets:
         t0 = time.perf_counter()
