@@ -31,14 +31,14 @@ def read_labelled(name: str, label_key: str = "cell_type", drop: tuple[str, ...]
 
 
 def scvi_latent(counts: np.ndarray, seed: int, max_epochs: int, batch: np.ndarray | None = None,
-                n_latent: int = 10) -> np.ndarray:
+                n_latent: int = 10, num_threads: int = 1) -> np.ndarray:
     """scVI (scvi-tools, Lopez et al. 2018) latent mean of ``(n, G)`` counts."""
     import anndata as ad_
     import scipy.sparse as sp
     import scvi
 
     scvi.settings.seed = seed
-    scvi.settings.num_threads = 2
+    scvi.settings.num_threads = num_threads
     logging.getLogger("scvi").setLevel(logging.WARNING)
     logging.getLogger("lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -49,6 +49,27 @@ def scvi_latent(counts: np.ndarray, seed: int, max_epochs: int, batch: np.ndarra
     m = scvi.model.SCVI(a, n_latent=n_latent)
     m.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False, batch_size=256)
     return np.asarray(m.get_latent_representation(), dtype=np.float32)
+
+
+def scproto_embed(X, batch: np.ndarray, var_names, seed: int, epochs: int, workdir: Path,
+                  overrides: list[str], threads: int = 1) -> ad.AnnData:
+    """Train scProto through the pipeline (``pipelines/atlas_job.py``) on counts ``X`` (cells ×
+    genes) with ``batch`` as the study key; labels are never given. Returns the exported
+    ``embeddings.h5ad`` (``obsm["X_scproto"]``, ``obs["scproto_prototype"]``, ``obs["store_row"]``:
+    row in ``X`` of each exported cell)."""
+    from pipelines.atlas_job import run as run_job
+    from scproto_scale.config import load_config
+
+    sub = ad.AnnData(X=X, obs={"batch": np.asarray(batch).astype(str)})
+    sub.var_names = [str(g) for g in var_names]
+    path = workdir / "input.h5ad"
+    sub.write_h5ad(path)
+    cfg = load_config(None, [f"data.path={path}", "data.batch_key=batch", f"seed={seed}",
+                             f"train.epochs={epochs}", f"train.num_threads={threads}",
+                             "train.progress=false", "evaluate.enabled=false",
+                             f"prepare.n_top_genes={len(var_names)}", *overrides])
+    run_job(cfg, workdir / "run", resume=False)
+    return ad.read_h5ad(workdir / "run" / "embeddings.h5ad")
 
 
 def mean_sd(rows: list[dict]) -> dict:

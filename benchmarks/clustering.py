@@ -1,11 +1,14 @@
 """Clustering benchmark of scGPCL (method.md §10) against Leiden, k-means on PCA / scVI and scProto.
 
     python benchmarks/clustering.py [--quick] [--datasets 10x_pbmc mouse_bladder ...] [--seeds 3]
+    python benchmarks/clustering.py --markdown-only   # clustering.md from clustering.json
 
 K = number of labels. Every method sees the same genes (seurat_v3 HVGs, ≤ 2,000) of the same
-cells. Methods (all in the same run, same seeds):
+cells: at most ``--max-cells`` per dataset, drawn with ``--subsample-seed`` (recorded in the JSON's
+``_dataset``; affordability on a shared 2-core box). Methods (all in the same run, same seeds):
 
-- ``scgpcl``: this repo's scGPCL (MLP encoder), ``--pretrain-epochs`` / ``--dec-epochs`` caps.
+- ``scgpcl_mlp`` / ``scgpcl_graph``: this repo's scGPCL with the MLP encoder or the bipartite
+  cell–gene graph encoder (``--encoders``), ``--pretrain-epochs`` / ``--dec-epochs`` caps.
 - ``leiden_pca``: scanpy Leiden (igraph) on a 15-NN graph of 50 PCs of the scaled log data,
   resolution bisected until it gives K clusters (the closest count is kept otherwise).
 - ``kmeans_pca``: k-means (K, 10 restarts) on the same PCs.
@@ -13,7 +16,10 @@ cells. Methods (all in the same run, same seeds):
 - ``scproto_merged``: the scProto pipeline (``pipelines/atlas_job.py``, ``--scproto-epochs``, 100
   prototypes); the cells' prototypes are merged to K clusters by size-weighted k-means on the
   prototype centroids of X_scproto.
-- ``published_scgpcl``: NMI / ACC / ARI from the scGPCL paper (data README); not re-run.
+- ``published_scgpcl``: NMI / ACC / ARI from the scGPCL paper (data README); not re-run. Each
+  dataset's ``_vs_published`` holds ours − published for the scGPCL rows.
+
+Compute is single-threaded (``--threads``) and nice'd: wall times are measured under contention.
 
 Writes ``benchmarks/results/clustering.json`` (``{dataset: {method: {nmi, ari, acc, macro_f1,
 *_sd, wall_s}}}`` plus ``_meta``) and ``clustering.md``. Results of several invocations (e.g. one
@@ -23,6 +29,7 @@ dataset each) are merged into the same file.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import tempfile
@@ -33,7 +40,15 @@ import anndata as ad
 import numpy as np
 import scanpy as sc
 import torch
-from _companion_common import RESULTS, machine, mean_sd, merge_json, read_labelled, scvi_latent
+from _companion_common import (
+    RESULTS,
+    machine,
+    mean_sd,
+    merge_json,
+    read_labelled,
+    scproto_embed,
+    scvi_latent,
+)
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
@@ -76,24 +91,13 @@ def leiden_k(pcs: np.ndarray, k: int, seed: int) -> np.ndarray:
     return best[1]
 
 
-def scproto_merged(a: ad.AnnData, genes, k: int, seed: int, epochs: int, workdir: Path) -> np.ndarray:
+def scproto_merged(a: ad.AnnData, genes, k: int, seed: int, epochs: int, workdir: Path,
+                   threads: int) -> np.ndarray:
     """Train scProto through the pipeline and merge its prototypes to ``k`` clusters."""
-    from pipelines.atlas_job import run as run_job
-    from scproto_scale.config import load_config
-
-    sub = ad.AnnData(X=a[:, genes].X.copy(), obs={"batch": np.asarray(a.obs["batch"]).astype(str),
-                                                  "cell_type": a.obs["cell_type"].astype(str).to_numpy()})
-    sub.var_names = [str(g) for g in genes]
-    path = workdir / "input.h5ad"
-    sub.write_h5ad(path)
-    cfg = load_config(None, [f"data.path={path}", "data.batch_key=batch", "data.label_key=cell_type",
-                             f"seed={seed}", f"train.epochs={epochs}", "train.batch_size=256",
-                             "train.min_cells_per_study=64", "model.n_prototypes=100",
-                             "model.latent_dim=32", "train.lr=0.01", "train.num_threads=2",
-                             "train.progress=false", "evaluate.enabled=false",
-                             f"prepare.n_top_genes={len(genes)}"])
-    run_job(cfg, workdir / "run", resume=False)
-    e = ad.read_h5ad(workdir / "run" / "embeddings.h5ad")
+    e = scproto_embed(a[:, genes].X.copy(), np.asarray(a.obs["batch"]), genes, seed, epochs,
+                      workdir, ["train.batch_size=256", "train.min_cells_per_study=64",
+                                "model.n_prototypes=100", "model.latent_dim=32", "train.lr=0.01"],
+                      threads)
     rows = e.obs["store_row"].to_numpy()
     proto = e.obs["scproto_prototype"].astype(int).to_numpy()
     used, inv, sizes = np.unique(proto, return_inverse=True, return_counts=True)
@@ -106,6 +110,11 @@ def scproto_merged(a: ad.AnnData, genes, k: int, seed: int, epochs: int, workdir
 
 def run_dataset(name: str, args: argparse.Namespace, save) -> dict:
     a = read_labelled(DATASETS[name])
+    n_file = a.n_obs
+    if args.max_cells and a.n_obs > args.max_cells:
+        keep = np.sort(np.random.default_rng(args.subsample_seed).choice(a.n_obs, args.max_cells,
+                                                                         replace=False))
+        a = a[keep].copy()
     y = a.obs["cell_type"].astype(str).to_numpy()
     k = len(np.unique(y))
     data: CountInput = prepare_counts(a, 2000, name)
@@ -119,13 +128,22 @@ def run_dataset(name: str, args: argparse.Namespace, save) -> dict:
         print(f"{name:14s} {method:15s} seed {seed}: " + " ".join(f"{m}={s[m]:.3f}" for m in METRICS)
               + f" ({s['wall_s']:.0f}s)", flush=True)
 
+    def summary() -> dict:
+        r = summarise(name, a, genes, k, per)
+        r["_dataset"].update(n_cells_file=n_file, subsample_seed=args.subsample_seed
+                             if a.n_obs < n_file else None)
+        return r
+
     for seed in range(args.seeds):
-        cfg = ScGPCLConfig(pretrain_epochs=args.pretrain_epochs, warmup_epochs=args.warmup_epochs,
-                           dec_max_epochs=args.dec_epochs, num_threads=2)
-        t0 = time.perf_counter()
-        res = fit_scgpcl(data, k, cfg, seed=seed)
-        record("scgpcl", res.labels, t0)
-        per["scgpcl"][-1].update(pretrain_epochs=res.pretrain_epochs, dec_epochs=res.dec_epochs)
+        for enc in args.encoders:
+            cfg = ScGPCLConfig(encoder=enc, pretrain_epochs=args.pretrain_epochs,
+                               warmup_epochs=args.warmup_epochs, dec_max_epochs=args.dec_epochs,
+                               num_threads=args.threads)
+            t0 = time.perf_counter()
+            res = fit_scgpcl(data, k, cfg, seed=seed)
+            record(f"scgpcl_{enc}", res.labels, t0)
+            per[f"scgpcl_{enc}"][-1].update(pretrain_epochs=res.pretrain_epochs,
+                                            dec_epochs=res.dec_epochs)
         t0 = time.perf_counter()
         pcs = PCA(50, random_state=seed).fit_transform(data.x).astype(np.float32)
         t_pca = time.perf_counter() - t0
@@ -135,15 +153,15 @@ def run_dataset(name: str, args: argparse.Namespace, save) -> dict:
         record("kmeans_pca", KMeans(k, n_init=10, random_state=seed).fit_predict(pcs), t0)
         if args.scvi_epochs > 0 and seed < args.baseline_seeds:
             t0 = time.perf_counter()
-            z = scvi_latent(data.counts, seed, args.scvi_epochs)
+            z = scvi_latent(data.counts, seed, args.scvi_epochs, num_threads=args.threads)
             record("kmeans_scvi", KMeans(k, n_init=10, random_state=seed).fit_predict(z), t0)
         if args.scproto_epochs > 0 and seed < args.baseline_seeds:
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(dir=args.workdir) as wd:
                 record("scproto_merged", scproto_merged(a, genes, k, seed, args.scproto_epochs,
-                                                        Path(wd)), t0)
-        save(summarise(name, a, genes, k, per))  # after every seed: partial results survive
-    return summarise(name, a, genes, k, per)
+                                                        Path(wd), args.threads), t0)
+        save(summary())  # after every seed: partial results survive
+    return summary()
 
 
 LOG_LINE = re.compile(r"^(\S+)\s+(\S+)\s+seed (\d+): nmi=(\S+) ari=(\S+) acc=(\S+) "
@@ -171,7 +189,9 @@ def from_logs(paths: list[str]) -> dict[str, dict[str, list[dict]]]:
 def summarise(name: str, a: ad.AnnData, genes, k: int, per: dict[str, list[dict]]) -> dict:
     out = {m: mean_sd(rows) for m, rows in per.items()}
     if name in PUBLISHED:
-        out["published_scgpcl"] = dict(PUBLISHED[name])
+        pub = out["published_scgpcl"] = dict(PUBLISHED[name])
+        out["_vs_published"] = {m: {x: out[m][x] - pub[x] for x in pub} for m in out
+                                if m.startswith("scgpcl")}
     out["_dataset"] = {"file": DATASETS[name], "n_cells": int(a.n_obs), "n_genes_used": len(genes),
                        "n_clusters": k}
     return out
@@ -180,12 +200,16 @@ def summarise(name: str, a: ad.AnnData, genes, k: int, per: dict[str, list[dict]
 def write_markdown(res: dict, path: Path) -> None:
     lines = ["# Clustering benchmark (scGPCL companion)", "",
              f"Settings: {res.get('_meta', {}).get('settings')}", "",
-             "mean ± sd over seeds; K = number of labels; published = scGPCL paper (not re-run).", ""]
+             "mean ± sd over seeds; K = number of labels; published = scGPCL paper (not re-run; "
+             "their gene sets / cell counts differ slightly); wall s = seconds per seed, "
+             f"{res.get('_meta', {}).get('wall_time_note', '')}", ""]
     for ds, methods in res.items():
         if ds.startswith("_"):
             continue
         info = methods.get("_dataset", {})
-        lines += [f"## {ds} ({info.get('n_cells')} cells, {info.get('n_genes_used')} genes, "
+        sub = (f" of {info['n_cells_file']}, subsample seed {info['subsample_seed']}"
+               if info.get("subsample_seed") is not None else "")
+        lines += [f"## {ds} ({info.get('n_cells')} cells{sub}, {info.get('n_genes_used')} genes, "
                   f"K={info.get('n_clusters')})", "",
                   "| method | seeds | NMI | ARI | ACC | macro F1 | wall s |",
                   "|---|---|---|---|---|---|---|"]
@@ -197,6 +221,9 @@ def write_markdown(res: dict, path: Path) -> None:
                     else "–" for x in METRICS]
             cell.append(f"{v['wall_s']:.0f}" if "wall_s" in v else "–")
             lines.append(f"| {m} | {n or 'paper'} | " + " | ".join(cell) + " |")
+        for m, d in methods.get("_vs_published", {}).items():
+            lines.append("")
+            lines.append(f"{m} − published: " + ", ".join(f"{x.upper()} {v:+.3f}" for x, v in d.items()))
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -206,6 +233,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 datasets, 1 seed, short training")
     ap.add_argument("--datasets", nargs="*", default=None, choices=sorted(DATASETS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--encoders", nargs="*", default=["mlp", "graph"], choices=["mlp", "graph"])
+    ap.add_argument("--max-cells", type=int, default=2000, help="subsample larger sets (0: all)")
+    ap.add_argument("--subsample-seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch / scVI / scProto threads")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite clustering.md from the JSON")
     ap.add_argument("--baseline-seeds", type=int, default=None,
                     help="seeds of the slow baselines (scVI, scProto); default: --seeds")
     ap.add_argument("--pretrain-epochs", type=int, default=15)
@@ -224,10 +256,14 @@ def main() -> None:
         args.datasets = args.datasets or ["10x_pbmc", "mouse_bladder"]
     if args.baseline_seeds is None:
         args.baseline_seeds = args.seeds
-    datasets = args.datasets or ["10x_pbmc", "mouse_bladder", "worm_neuron", "cite_cbmc", "pbmc4k"]
+    datasets = args.datasets or ["10x_pbmc", "mouse_bladder", "worm_neuron", "cite_cbmc"]
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.markdown_only:
+        write_markdown(json.loads(out.read_text()), out.with_suffix(".md"))
+        print(f"wrote {out.with_suffix('.md')} from {out}")
+        return
     if args.from_logs:
         for ds, per in from_logs(args.from_logs).items():
             a = read_labelled(DATASETS[ds])
@@ -239,14 +275,18 @@ def main() -> None:
         write_markdown(res, out.with_suffix(".md"))
         print(f"wrote {out} and {out.with_suffix('.md')} from {args.from_logs}")
         return
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "datasets")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("out", "workdir", "datasets", "markdown_only", "from_logs")}
+    note = (f"{args.threads} thread(s) on a shared 2-core box, other jobs running (run nice'd or "
+            "under the bench lock): wall times measured under contention")
 
     for ds in datasets:
         t0 = time.perf_counter()
 
         def save(r: dict, ds: str = ds, t0: float = t0) -> None:
             r["_dataset"]["wall_s_all_methods"] = time.perf_counter() - t0
-            res = merge_json(out, {ds: r, "_meta": {"machine": machine(), "settings": settings}})
+            res = merge_json(out, {ds: r, "_meta": {"machine": machine(), "settings": settings,
+                                                    "wall_time_note": note}})
             write_markdown(res, out.with_suffix(".md"))
 
         save(run_dataset(ds, args, save))

@@ -211,7 +211,8 @@ class ScGPCLConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     dec_lr: float = Field(1e-4, gt=0)
     graph_neighbors: list[int] = Field([15, 10], min_length=1,
-                                       description="graph encoder: neighbours sampled per hop")
+                                       description="graph encoder: neighbours sampled per hop in "
+                                       "training (inference takes every gene of a cell on hop 1)")
     num_threads: int | None = Field(None, gt=0)
 
 

@@ -75,3 +75,61 @@ def zinb_nll(x: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor,
              pi_logits: torch.Tensor) -> torch.Tensor:
     """ZINB negative log-likelihood per cell, averaged over genes and cells (nats)."""
     return -zinb_log_prob(x, mean, theta, pi_logits).mean()
+
+
+# Edge types of the bipartite graph (torch-geometric's (src, relation, dst) convention).
+G2C = ("gene", "expressed_in", "cell")
+C2G = ("cell", "expresses", "gene")
+
+
+class GraphEncoder(nn.Module):
+    """Heterogeneous GraphSAGE over a sampled bipartite cell–gene subgraph (scGPCL's encoder).
+
+    Node inputs: a cell's input is a linear map of its expression row (log-normalised, divided by
+    each gene's sd: the MLP encoder's z-scored input up to a constant absorbed in the bias),
+    computed as a weighted ``embedding_bag`` sum over the expressed genes only; a gene's input is
+    a learned embedding. Each of ``n_layers`` layers is a torch-geometric ``HeteroConv`` with one
+    ``GraphConv(aggr="mean")`` per edge type: ``W_root x_i + W_nbr · mean_j(w_ij x_j)``, i.e. the
+    GraphSAGE mean aggregator with scGPCL's edge weights (PyG's ``SAGEConv`` takes no edge
+    weights), followed by BatchNorm and ReLU per node type. A linear map gives the latent.
+
+    Shapes: ``forward(cell_h, gene_ids, sub)`` with ``cell_h`` ``(n_c, hidden_dims[0])`` from
+    :meth:`cell_input`, returns ``(sub.n_targets, latent_dim)``.
+    """
+
+    def __init__(self, n_genes: int, hidden_dims: list[int], latent_dim: int, n_layers: int):
+        super().__init__()
+        from torch_geometric.nn import GraphConv, HeteroConv
+
+        h0, h = hidden_dims[0], hidden_dims[-1]
+        self.cell_in = nn.EmbeddingBag(n_genes, h0, mode="sum")
+        self.cell_bias = nn.Parameter(torch.zeros(h0))
+        self.gene_in = nn.Embedding(n_genes, h0)
+        self.in_norm = nn.ModuleDict({"cell": nn.BatchNorm1d(h0), "gene": nn.BatchNorm1d(h0)})
+        dims = [h0] + [h] * n_layers
+        self.convs = nn.ModuleList(
+            HeteroConv({G2C: GraphConv(a, b, aggr="mean"), C2G: GraphConv(a, b, aggr="mean")},
+                       aggr="sum")
+            for a, b in itertools.pairwise(dims))
+        self.norms = nn.ModuleList(
+            nn.ModuleDict({"cell": nn.BatchNorm1d(b), "gene": nn.BatchNorm1d(b)}) for b in dims[1:])
+        self.out = nn.Linear(h, latent_dim)
+
+    def cell_input(self, genes: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor
+                   ) -> torch.Tensor:
+        """CSR rows (``genes`` int64 column ids, ``offsets`` ``(n_c,)`` row starts, ``values``
+        float32) of the cells' scaled expression → ``(n_c, hidden_dims[0])``."""
+        return self.cell_in(genes, offsets, per_sample_weights=values) + self.cell_bias
+
+    def forward(self, cell_h: torch.Tensor, gene_ids: torch.Tensor, edges: dict) -> torch.Tensor:
+        """Args: ``cell_h`` from :meth:`cell_input` (sub-graph cells, targets first);
+        ``gene_ids`` ``(n_g,)`` global ids of the sub-graph genes; ``edges`` ``{"g2c": (index
+        (2, e), weight (e,)), "c2g": …, "n_targets": int}`` in local indices."""
+        xs = {"cell": F.relu(self.in_norm["cell"](cell_h)),
+              "gene": F.relu(self.in_norm["gene"](self.gene_in(gene_ids)))}
+        ei = {G2C: edges["g2c"][0], C2G: edges["c2g"][0]}
+        ew = {G2C: edges["g2c"][1], C2G: edges["c2g"][1]}
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            out = conv(xs, ei, edge_weight_dict=ew)
+            xs = {t: F.relu(norm[t](out[t])) if t in out else xs[t] for t in xs}
+        return self.out(xs["cell"][:edges["n_targets"]])

@@ -66,12 +66,15 @@ class CountInput:
         counts: ``(n, G)`` float32 raw counts of the same genes (ZINB target).
         size_factor: ``(n,)`` float32 library size / median library size.
         genes: the G gene names used.
+        logx: ``(n, G)`` float32 CSR ``log1p(x / l · 1e4)`` (l over all genes): the edge
+            weights and cell inputs of the graph encoder; None if not computed.
     """
 
     x: np.ndarray
     counts: np.ndarray
     size_factor: np.ndarray
     genes: pd.Index
+    logx: sp.csr_matrix | None = None
 
 
 def _top_variable_genes(X: sp.csr_matrix, genes: pd.Index, n_top: int, where: str) -> np.ndarray:
@@ -106,9 +109,11 @@ def prepare_counts(adata: ad.AnnData, n_top_genes: int | None, where: str = "inp
         keep = _top_variable_genes(X, genes, n_top_genes, where)
         X, genes = X[:, keep], genes[keep]
         log.info("%s: %d highly variable genes of %d", where, len(keep), adata.n_vars)
-    logx = log_normalize(X, lib).toarray()
+    logx_sp = log_normalize(X, lib)
+    logx_sp.sort_indices()
+    logx = logx_sp.toarray()
     mean, sd = logx.mean(0), logx.std(0)
     sd[sd == 0] = 1.0
     x = np.clip((logx - mean) / sd, -10, 10).astype(np.float32)
     return CountInput(x=x, counts=X.toarray(), size_factor=(lib / np.median(lib)).astype(np.float32),
-                      genes=pd.Index(genes))
+                      genes=pd.Index(genes), logx=logx_sp)

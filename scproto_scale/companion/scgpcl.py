@@ -20,12 +20,14 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
-from scproto_scale.companion.encoders import MLPEncoder, ZINBDecoder, mlp, zinb_nll
+from scproto_scale.companion.encoders import GraphEncoder, MLPEncoder, ZINBDecoder, mlp, zinb_nll
+from scproto_scale.companion.graph import BipartiteGraph, build_bipartite, sample_subgraph
 from scproto_scale.companion.inputs import CountInput
 from scproto_scale.companion.losses import (
     dec_kl,
@@ -69,20 +71,91 @@ def _kmeans(z: np.ndarray, k: int, seed: int, n_init: int = 10) -> KMeans:
 class _Model(nn.Module):
     def __init__(self, n_genes: int, cfg: ScGPCLConfig):
         super().__init__()
-        self.encoder = MLPEncoder(n_genes, cfg.hidden_dims, cfg.latent_dim)
+        if cfg.encoder == "mlp":
+            self.encoder: nn.Module = MLPEncoder(n_genes, cfg.hidden_dims, cfg.latent_dim)
+        else:
+            self.encoder = GraphEncoder(n_genes, cfg.hidden_dims, cfg.latent_dim,
+                                        len(cfg.graph_neighbors))
         self.projector = mlp([cfg.latent_dim, cfg.latent_dim, cfg.projection_dim])
         self.decoder = ZINBDecoder(cfg.latent_dim, list(reversed(cfg.hidden_dims)), n_genes)
 
 
-def _embed_all(model: _Model, x: torch.Tensor, batch: int = 4096, project: bool = False) -> torch.Tensor:
+class _MLPFeed:
+    """Encoder inputs of the MLP encoder: rows of the scaled expression, masked per view."""
+
+    def __init__(self, model: _Model, data: CountInput, cfg: ScGPCLConfig):
+        self.model, self.cfg = model, cfg
+        self.x = torch.from_numpy(data.x)
+
+    def encode(self, idx: np.ndarray, masked: tuple[bool, ...], gen: torch.Generator,
+               rng: np.random.Generator) -> list[torch.Tensor]:
+        xb = self.x[torch.from_numpy(idx)]
+        return [self.model.encoder(mask_features(xb, self.cfg.mask_prob, gen) if m else xb)
+                for m in masked]
+
+    def embed_all(self, batch: int = 4096) -> torch.Tensor:
+        return torch.cat([self.model.encoder(self.x[s:s + batch])
+                          for s in range(0, self.x.shape[0], batch)])
+
+
+class _GraphFeed:
+    """Encoder inputs of the graph encoder: one sampled sub-graph per minibatch (shared by the
+    views); a view masks entries of the sub-graph cells' input expression."""
+
+    def __init__(self, model: _Model, data: CountInput, cfg: ScGPCLConfig, seed: int):
+        if data.logx is None:
+            raise ScprotoInputError("scgpcl.encoder='graph' needs the log-normalised matrix "
+                                    "(CountInput.logx, set by prepare_counts)")
+        self.model, self.cfg, self.seed = model, cfg, seed
+        self.graph: BipartiteGraph = build_bipartite(data.logx)
+        # Cell inputs: log-expression / per-gene sd (sparse; centring is a constant shift).
+        logx = sp.csr_matrix(data.logx, dtype=np.float32)
+        m1 = np.asarray(logx.mean(0)).ravel()
+        sd = np.sqrt(np.maximum(np.asarray(logx.multiply(logx).mean(0)).ravel() - m1 ** 2, 0))
+        self.xin = sp.csr_matrix(logx @ sp.diags((1 / np.where(sd > 0, sd, 1)).astype(np.float32)))
+        np.minimum(self.xin.data, 10.0, out=self.xin.data)  # clipped at 10 as the MLP's input
+
+    def _cell_h(self, cells: np.ndarray, mask: bool, gen: torch.Generator | None) -> torch.Tensor:
+        rows = self.xin[cells]
+        vals = torch.from_numpy(rows.data)
+        if mask:
+            vals = mask_features(vals, self.cfg.mask_prob, gen)
+        return self.model.encoder.cell_input(torch.from_numpy(rows.indices.astype(np.int64)),
+                                             torch.from_numpy(rows.indptr[:-1].astype(np.int64)),
+                                             vals)
+
+    def _forward(self, cell_h: torch.Tensor, sub) -> torch.Tensor:
+        edges = {"g2c": (torch.from_numpy(sub.g2c), torch.from_numpy(sub.g2c_w)),
+                 "c2g": (torch.from_numpy(sub.c2g), torch.from_numpy(sub.c2g_w)),
+                 "n_targets": sub.n_targets}
+        return self.model.encoder(cell_h, torch.from_numpy(sub.genes), edges)
+
+    def encode(self, idx: np.ndarray, masked: tuple[bool, ...], gen: torch.Generator,
+               rng: np.random.Generator) -> list[torch.Tensor]:
+        sub = sample_subgraph(self.graph, idx, self.cfg.graph_neighbors, rng)
+        return [self._forward(self._cell_h(sub.cells, m, gen), sub) for m in masked]
+
+    def embed_all(self, batch: int = 256) -> torch.Tensor:
+        # Inference: every gene of a cell on hop 1 (no sampling noise where it matters most),
+        # the training fan-outs beyond (as with PyG's NeighborLoader), with a fixed seed.
+        rng = np.random.default_rng([self.seed, 1])
+        fanouts = [self.graph.n_genes, *self.cfg.graph_neighbors[1:]]
+        all_h = self._cell_h(np.arange(self.graph.n_cells), False, None)
+        outs = []
+        for s in range(0, self.graph.n_cells, batch):
+            sub = sample_subgraph(self.graph, np.arange(s, min(s + batch, self.graph.n_cells)),
+                                  fanouts, rng)
+            outs.append(self._forward(all_h[torch.from_numpy(sub.cells)], sub))
+        return torch.cat(outs)
+
+
+def _embed_all(model: _Model, feed, project: bool = False) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        outs = []
-        for s in range(0, x.shape[0], batch):
-            h = model.encoder(x[s:s + batch])
-            outs.append(model.projector(h) if project else h)
+        h = feed.embed_all()
+        out = model.projector(h) if project else h
     model.train()
-    return torch.cat(outs)
+    return out
 
 
 def _zinb_term(model: _Model, h: torch.Tensor, counts: torch.Tensor, sf: torch.Tensor,
@@ -114,12 +187,6 @@ def fit_scgpcl(data: CountInput, n_clusters: int, cfg: ScGPCLConfig, seed: int =
         raise ScprotoInputError(f"number of clusters must be ≥ 2, got {n_clusters}")
     if n_clusters > n:
         raise ScprotoInputError(f"requested {n_clusters} clusters but the input has only {n} cells")
-    if cfg.encoder != "mlp":
-        raise ScprotoInputError(
-            "scgpcl.encoder='graph' is not available in this build: torch-geometric's neighbour "
-            "sampler needs pyg-lib or torch-sparse, which have no wheels for torch 2.13 CPU; "
-            "use encoder='mlp'"
-        )
     grans = sorted({min(n, max(2, round(f * n_clusters))) for f in cfg.granularities})
     if max(grans) < round(max(cfg.granularities) * n_clusters):
         warnings.warn(f"prototype granularities capped at {n} clusters (number of cells)",
@@ -131,10 +198,10 @@ def fit_scgpcl(data: CountInput, n_clusters: int, cfg: ScGPCLConfig, seed: int =
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
 
-    x = torch.from_numpy(data.x)
     counts = torch.from_numpy(data.counts)
     sf = torch.from_numpy(data.size_factor)
     model = _Model(g, cfg)
+    feed = _MLPFeed(model, data, cfg) if cfg.encoder == "mlp" else _GraphFeed(model, data, cfg, seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     bs = min(cfg.batch_size, n)
     history: list[dict] = []
@@ -147,7 +214,7 @@ def fit_scgpcl(data: CountInput, n_clusters: int, cfg: ScGPCLConfig, seed: int =
         protos: list[tuple[torch.Tensor, torch.Tensor]] = []
         labels_k = None
         if need_kmeans:
-            zp = _embed_all(model, x, project=True).numpy()
+            zp = _embed_all(model, feed, project=True).numpy()
             zpn = zp / np.maximum(np.linalg.norm(zp, axis=1, keepdims=True), 1e-12)
             for k in grans:
                 km = _kmeans(zpn, k, seed, n_init=3)  # every epoch: cheaper restarts
@@ -159,14 +226,12 @@ def fit_scgpcl(data: CountInput, n_clusters: int, cfg: ScGPCLConfig, seed: int =
         perm = rng.permutation(n)
         n_steps = 0
         for s in range(0, n - 1, bs):
-            idx = torch.from_numpy(perm[s:s + bs])
-            if len(idx) < 2:
+            idx_np = perm[s:s + bs]
+            if len(idx_np) < 2:
                 continue
-            xb = x[idx]
-            z1 = model.projector(model.encoder(mask_features(xb, cfg.mask_prob, gen)))
-            z2 = model.projector(model.encoder(mask_features(xb, cfg.mask_prob, gen)))
-            l_con = nt_xent(z1, z2, cfg.tau)
-            h = model.encoder(xb)
+            idx = torch.from_numpy(idx_np)
+            h1, h2, h = feed.encode(idx_np, (True, True, False), gen, rng)
+            l_con = nt_xent(model.projector(h1), model.projector(h2), cfg.tau)
             l_rec = _zinb_term(model, h, counts, sf, idx, cfg, gen)
             loss = l_con + cfg.lambda_zinb * l_rec
             if use_proto:
@@ -192,7 +257,7 @@ def fit_scgpcl(data: CountInput, n_clusters: int, cfg: ScGPCLConfig, seed: int =
     pretrain_epochs = epoch
 
     # DEC: centres from k-means on the encoder output, then KL(p‖q) + ZINB.
-    h_all = _embed_all(model, x).numpy()
+    h_all = _embed_all(model, feed).numpy()
     km = _kmeans(h_all, n_clusters, seed)
     mu = nn.Parameter(torch.from_numpy(km.cluster_centers_.astype(np.float32)))
     opt = torch.optim.Adam([*model.encoder.parameters(), *model.decoder.parameters(), mu],
@@ -201,7 +266,7 @@ def fit_scgpcl(data: CountInput, n_clusters: int, cfg: ScGPCLConfig, seed: int =
     dec_epochs = 0
     for dec_epochs in range(1, cfg.dec_max_epochs + 1):
         with torch.no_grad():
-            q_all = student_t_assign(_embed_all(model, x), mu, cfg.dec_alpha)
+            q_all = student_t_assign(_embed_all(model, feed), mu, cfg.dec_alpha)
         p_all = dec_target(q_all)
         new_labels = q_all.argmax(1).numpy()
         changed = float((new_labels != labels).mean())
@@ -212,10 +277,11 @@ def fit_scgpcl(data: CountInput, n_clusters: int, cfg: ScGPCLConfig, seed: int =
         perm = rng.permutation(n)
         kl_sum, rec_sum, n_steps = 0.0, 0.0, 0
         for s in range(0, n - 1, bs):
-            idx = torch.from_numpy(perm[s:s + bs])
-            if len(idx) < 2:
+            idx_np = perm[s:s + bs]
+            if len(idx_np) < 2:
                 continue
-            h = model.encoder(x[idx])
+            idx = torch.from_numpy(idx_np)
+            (h,) = feed.encode(idx_np, (False,), gen, rng)
             l_kl = dec_kl(p_all[idx], student_t_assign(h, mu, cfg.dec_alpha))
             l_rec = _zinb_term(model, h, counts, sf, idx, cfg, gen)
             loss = cfg.gamma_dec * l_kl + cfg.lambda_zinb * l_rec
@@ -228,7 +294,7 @@ def fit_scgpcl(data: CountInput, n_clusters: int, cfg: ScGPCLConfig, seed: int =
         history.append({"stage": "dec", "epoch": dec_epochs, "label_change": changed,
                         "kl": kl_sum / max(n_steps, 1), "zinb": rec_sum / max(n_steps, 1)})
     with torch.no_grad():
-        z_final = _embed_all(model, x)
+        z_final = _embed_all(model, feed)
         labels = student_t_assign(z_final, mu, cfg.dec_alpha).argmax(1).numpy().astype(np.int64)
     return ClusterResult(labels=labels, embedding=z_final.numpy().astype(np.float32),
                          pretrain_epochs=pretrain_epochs, dec_epochs=dec_epochs, history=history,
