@@ -23,6 +23,19 @@ def _use_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def resolve_method(method: str, n: int, exact_max_cells: int) -> str:
+    """The index ``method="auto"`` picks for ``n`` rows (see :func:`build_index`).
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    if method not in ("auto", "flat", "ivf", "hnsw"):
+        raise ValueError(f"unknown KNN method {method!r}; use auto, flat, ivf or hnsw")
+    if method != "auto":
+        return method
+    return "flat" if n <= exact_max_cells else ("ivf" if _use_gpu() else "hnsw")
+
+
 def build_index(X: np.ndarray, method: str = "auto", exact_max_cells: int = 200_000,
                 nprobe: int = 128, hnsw_m: int = 32, ef_search: int = 192, seed: int = 0,
                 ef_construction: int = 128):
@@ -37,11 +50,8 @@ def build_index(X: np.ndarray, method: str = "auto", exact_max_cells: int = 200_
     IVF's probed fraction (hence its work per query) must stay constant as n grows while
     HNSW's grows ~log n (Malkov & Yashunin 2018).
     """
-    if method not in ("auto", "flat", "ivf", "hnsw"):
-        raise ValueError(f"unknown KNN method {method!r}; use auto, flat, ivf or hnsw")
     n, d = X.shape
-    if method == "auto":
-        method = "flat" if n <= exact_max_cells else ("ivf" if _use_gpu() else "hnsw")
+    method = resolve_method(method, n, exact_max_cells)
     if method == "flat":
         index, kind = faiss.IndexFlatL2(d), "flat"
     elif method == "hnsw":

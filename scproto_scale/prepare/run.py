@@ -39,7 +39,7 @@ from scproto_scale.prepare.cache import (
     write_training_cache,
 )
 from scproto_scale.prepare.hvg import highly_variable_genes_seurat_v3
-from scproto_scale.prepare.knn import knn
+from scproto_scale.prepare.knn import knn, resolve_method
 from scproto_scale.prepare.normalize import log_normalize
 from scproto_scale.prepare.pca import fit_pca
 from scproto_scale.provenance import versions
@@ -261,6 +261,7 @@ def prepare(
             "pca_explained_variance": model.explained_variance.tolist(),
             "median_library_size": float(np.median(lib[cells])),
             "training_cache": use_cache,
+            "knn_index": resolve_method(cfg.knn_method, n, cfg.exact_knn_max_cells),
             "stage_seconds": timings,
             "config": cfg.model_dump(),
             "seed": seed,
