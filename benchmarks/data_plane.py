@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -392,11 +391,19 @@ def rss_child(store_path: str, n: int, prepared_dir: str, mode: str, max_steps: 
     print(json.dumps({
         "n_cells": n, "mode": mode, "steps": steps, "steps_per_epoch": total,
         "full_epoch": steps == total, "batch": cfg.batch_size, "views": cfg.n_views,
-        "peak_rss_gib": _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
+        "peak_rss_gib": _peak_rss_gib(),
         "rss_gib_at_10pct_of_run": round(max(samples[:tenth]), 3),
         "rss_gib_last_10pct_of_run": round(max(samples[-tenth:]), 3),
         "seconds": round(dt, 1), "anchors_per_s": round(steps * cfg.batch_size / dt, 1),
         "load_average_at_start": _load()}))
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak RSS (``VmHWM``), GiB. Not ``ru_maxrss``: Linux carries that over
+    from the parent through fork and exec, so a child of a big parent reports the parent's."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return _gib(kib)
 
 
 def _load() -> list[float]:
@@ -447,6 +454,9 @@ def main() -> None:
                     help="run these sections now (resumable: finished sections are kept in "
                          "WORK/sections.json and the JSON is assembled from all of them)")
     ap.add_argument("--redo", action="store_true", help="recompute the --only sections")
+    ap.add_argument("--rss-ns", type=int, nargs="+", default=None,
+                    help="store sizes of the RSS curve (default 100k, 300k, N; --quick N/4, N); "
+                         "sizes above N are prefixes of the full --store, each prepared")
     ap.add_argument("--rss-train-steps", type=int, default=0,
                     help="bound the training-epoch RSS runs to this many steps (0: full epoch)")
     ap.add_argument("--keep", action="store_true", help="keep the generated stores")
@@ -519,11 +529,12 @@ def main() -> None:
     if store.n_obs < N or "study" not in store.obs_columns():
         raise SystemExit(f"{store_path}: needs ≥ {N} rows and obs 'study' "
                          f"(has {store.n_obs} rows, obs {store.obs_columns()})")
+    full = store
     if store.n_obs > N:
         store = PrefixStore(store, N)
     print("generate", res["generate"], flush=True)
-    rss_ns = [N // 4, N] if args.quick else [100_000, 300_000, N]
-    rss_ns = sorted({study_prefix(store, n) for n in rss_ns})
+    rss_ns = args.rss_ns or ([N // 4, N] if args.quick else [100_000, 300_000, N])
+    rss_ns = sorted({N, *(study_prefix(full if n > N else store, n) for n in rss_ns)})
 
     # Above 10k cells the KNN is approximate (HNSW on CPU, IVF on GPU), so the recall check
     # measures the approximate index at every N.
@@ -531,7 +542,7 @@ def main() -> None:
     preps: dict[int, Prepared | None] = {}
     for n in rss_ns:
         pdir = work / f"prepared_{n}"
-        st = store if n == N else PrefixStore(store, n)
+        st = store if n == N else PrefixStore(full, n)
 
         def run_prepare(st=st, pdir=pdir):
             p = prepare(st, pdir, "study", cfg, seed=args.seed)
