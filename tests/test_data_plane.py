@@ -230,6 +230,37 @@ def test_corrupt_chunk_names_store_and_rows(cached, tmp_path, damage):
         store.read_slice(0, store.n_obs)
 
 
+def test_loader_read_of_a_corrupt_chunk_names_store_and_rows(cached, tmp_path):
+    """The loader's dense read (memory-mapped raw chunks) reports damage like zarr's path."""
+    _, prep = cached
+    path = _copy_cache_store(prep, tmp_path)
+    store = ZarrCellStore(path)
+    assert store._data._raw_dir is not None  # the uncompressed cache takes the raw path
+    rows = np.arange(store.n_obs)
+    clean = store.read_dense(rows, np.arange(store.n_vars))
+    np.testing.assert_array_equal(clean, store.read_slice(0, store.n_obs).toarray())
+    chunk = path / "X" / "data" / "c" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(ScprotoInputError, match=r"cache\.zarr: X/data chunk 1 .*rows \d+–\d+"):
+        ZarrCellStore(path).read_dense(rows, np.arange(store.n_vars))
+    chunk.unlink()
+    with pytest.raises(ScprotoInputError, match=r"X/data chunk 1 .*missing"):
+        ZarrCellStore(path).read_dense(rows, np.arange(store.n_vars))
+
+
+def test_released_knn_pages_read_back(cached):
+    """release_pages drops a memory map's resident pages; reads after it are unchanged."""
+    from scproto_scale.data.loader import release_pages
+
+    _, prep = cached
+    table = np.load(prep.path / "cache_knn_indices.npy", mmap_mode="r")
+    before = np.array(table[::7])
+    release_pages(table)
+    release_pages(table[3:10])  # a view finds its base map
+    release_pages(np.zeros(3))  # plain arrays: nothing to do
+    np.testing.assert_array_equal(table[::7], before)
+
+
 def test_gene_coverage_is_reported_and_refused(cached):
     store, prep = cached
     model_genes = prep.genes[:100] + [f"ENSMISSING{i}" for i in range(10)]

@@ -190,6 +190,42 @@ def test_read_rows_unsorted_repeats_and_reverse(stores, atlas, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.integers(0, N_CELLS - 1), max_size=300),
+       columns=st.lists(st.integers(-1, N_GENES - 1), min_size=1, max_size=60, unique=True))
+def test_read_dense_gene_aligned(stores, atlas, fmt, rows, columns):
+    """The loader's read: any rows (repeats, any order), model gene order, −1 → zeros."""
+    _, a = atlas
+    rows = np.asarray(rows, dtype=np.int64)
+    columns = np.asarray(columns, dtype=np.int64)
+    want = np.zeros((len(rows), len(columns)), dtype=np.float32)
+    ok = columns >= 0
+    want[:, ok] = a.X[rows][:, columns[ok]].toarray()
+    got = stores[fmt].read_dense(rows, columns)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+
+
+def test_read_dense_all_genes_many_chunks(atlas, tmp_path):
+    """The chunk-scatter path over small chunks and a 2-chunk LRU (runs cross chunk borders)."""
+    _, a = atlas
+    path = tmp_path / "small_chunks.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ad.io.write_elem(root, "obs", a.obs)
+        ad.io.write_elem(root, "var", a.var)
+        ad.io.write_elem(root, "X", sp.csr_matrix(a.X), dataset_kwargs={"chunks": (777,)})
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    s = ZarrCellStore(path, cache_bytes=1)
+    rows = np.random.default_rng(1).integers(0, N_CELLS, 2_000)
+    np.testing.assert_array_equal(s.read_dense(rows, np.arange(N_GENES)), a.X[rows].toarray())
+    with pytest.raises(IndexError):
+        s.read_dense(np.array([0, N_CELLS]), np.arange(3))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_read_rows_out_of_range(stores, fmt):
     with pytest.raises(IndexError):
         stores[fmt].read_rows(np.array([N_CELLS]))

@@ -95,6 +95,29 @@ class CellStore(abc.ABC):
         uniq, inverse = np.unique(rows, return_inverse=True)
         return self.read_rows(uniq)[inverse]
 
+    def read_dense(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Dense counts of arbitrary rows in a given gene order (the training loader's read).
+
+        Args:
+            rows: ``(m,)`` row positions, any order, repeats allowed (read once each).
+            columns: ``(G,)`` store column of each output column; −1 for a gene the store
+                lacks (left 0).
+
+        Returns:
+            ``(m, G)`` float32 C-contiguous counts.
+        """
+        from scproto_scale.atlas.genes import gene_selector
+
+        X = self.read_rows_unsorted(rows)
+        columns = np.asarray(columns, dtype=np.int64)
+        if np.array_equal(columns, np.arange(self.n_vars)):
+            pass
+        elif (columns >= 0).all():
+            X = X[:, columns]
+        else:
+            X = X @ gene_selector(columns, self.n_vars)
+        return np.ascontiguousarray(X.toarray(), dtype=np.float32)
+
 
 class PrefixStore(CellStore):
     """The first ``n`` rows of another store, as a store (e.g. a 100k-cell slice of an atlas).
@@ -130,6 +153,12 @@ class PrefixStore(CellStore):
         if len(rows) and rows[-1] >= self._n:
             raise IndexError(f"row index out of range [0, {self._n}) in {self.path}")
         return self.base.read_rows(rows)
+
+    def read_dense(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self._n):
+            raise IndexError(f"row index out of range [0, {self._n}) in {self.path}")
+        return self.base.read_dense(rows, columns)
 
 
 def detect_format(path: str | Path) -> str:

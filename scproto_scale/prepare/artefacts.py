@@ -52,12 +52,15 @@ class Prepared:
         """Whether a training cache was written."""
         return (self.path / "train_cache.zarr").exists() and bool(self.meta.get("training_cache"))
 
-    def loader_source(self, store, cache_block: int = 64):
+    def loader_source(self, store, cache_block: int = 64, cache_bytes: int = 256 << 20):
         """What the training loader reads: the cache when there is one, else the store.
 
         Args:
             store: the raw store the artefacts were made from.
             cache_block: chunk-level shuffle block (cells) over the cache.
+            cache_bytes: decoded-chunk LRU budget of the cache reader. The cache is
+                uncompressed, so a miss is one file read (page cache): a small, N-independent
+                budget keeps the loader's memory flat in the number of cells.
 
         Returns:
             :class:`scproto_scale.prepare.cache.LoaderSource`.
@@ -71,7 +74,7 @@ class Prepared:
                                 self.knn_indices, self.knn_distances, self.library_size,
                                 self.study_codes, self.gene_columns)
         rows = np.load(self.path / "cache_rows.npy")
-        cache = ZarrCellStore(self.path / "train_cache.zarr")
+        cache = ZarrCellStore(self.path / "train_cache.zarr", cache_bytes=cache_bytes)
         study = np.asarray(self.study_codes)[rows]
         return LoaderSource(
             cache, np.arange(len(rows)), study,

@@ -35,13 +35,17 @@ CACHE_NAME = "train_cache.zarr"
 
 
 def locality_order(scores: np.ndarray, cluster_cells: int = 1_000, seed: int = 0,
-                   batch: int = 65_536) -> np.ndarray:
+                   batch: int = 65_536, groups: np.ndarray | None = None) -> np.ndarray:
     """A permutation of the rows of ``scores`` that keeps PCA neighbours close.
 
     Args:
         scores: ``(n, d)`` float32 PCA scores.
         cluster_cells: target cells per k-means cluster.
         seed: seed of the k-means.
+        groups: ``(n,)`` int study code per row, or None. Within a cluster, rows are sorted
+            by study first: the study-stratified sampler walks each study's cells in cache
+            order in blocks, and a block of one study then lies in one contiguous run of a
+            cluster instead of being spread over ``n / study size`` rows (which grows with n).
 
     Returns:
         ``(n,)`` int64 ``order``: cache row ``i`` holds cell ``order[i]``.
@@ -50,7 +54,8 @@ def locality_order(scores: np.ndarray, cluster_cells: int = 1_000, seed: int = 0
     n, d = X.shape
     n_clusters = int(max(1, min(n // max(1, cluster_cells), 16_384)))
     if n_clusters == 1:
-        return np.argsort(X[:, 0], kind="stable").astype(np.int64)
+        keys = (X[:, 0],) if groups is None else (X[:, 0], np.asarray(groups))
+        return np.lexsort(keys).astype(np.int64)
     km = faiss.Kmeans(d, n_clusters, niter=10, seed=seed, max_points_per_centroid=64,
                       verbose=False)
     km.train(X)
@@ -71,7 +76,9 @@ def locality_order(scores: np.ndarray, cluster_cells: int = 1_000, seed: int = 0
         dist = d2[cur] if d2 is not None else ((C - C[cur]) ** 2).sum(1)
         dist = np.where(seen, np.inf, dist)
         cur = int(np.argmin(dist))
-    return np.lexsort((X[:, 0], rank[label])).astype(np.int64)
+    keys = (X[:, 0], rank[label]) if groups is None else (X[:, 0], np.asarray(groups),
+                                                          rank[label])
+    return np.lexsort(keys).astype(np.int64)
 
 
 class SpillWriter:

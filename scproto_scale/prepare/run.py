@@ -39,7 +39,7 @@ from scproto_scale.prepare.cache import (
     write_training_cache,
 )
 from scproto_scale.prepare.hvg import highly_variable_genes_seurat_v3
-from scproto_scale.prepare.knn import knn
+from scproto_scale.prepare.knn import knn, resolve_method
 from scproto_scale.prepare.normalize import log_normalize
 from scproto_scale.prepare.pca import fit_pca
 from scproto_scale.provenance import versions
@@ -212,6 +212,8 @@ def prepare(
         (tmp / "knn").mkdir()
         nn_pos, nn_dist = knn(scores, k=cfg.n_neighbors, exact_max_cells=cfg.exact_knn_max_cells,
                               nprobe=cfg.ivf_nprobe, seed=seed, method=cfg.knn_method,
+                              hnsw_m=cfg.hnsw_m, ef_search=cfg.hnsw_ef_search,
+                              ef_construction=cfg.hnsw_ef_construction,
                               out_dir=tmp / "knn")
         nn_rows = np.lib.format.open_memmap(tmp / "knn_indices.npy", "w+", np.int32,
                                             nn_pos.shape)
@@ -221,7 +223,7 @@ def prepare(
         os.replace(tmp / "knn" / "knn_distances.npy", tmp / "knn_distances.npy")
         lap("knn_s")
         if use_cache:
-            order = locality_order(scores, cfg.cache_cluster_cells, seed)
+            order = locality_order(scores, cfg.cache_cluster_cells, seed, groups=codes[cells])
             write_training_cache(tmp / "spill", order, cells,
                                  [str(g) for g in store.var_names[gene_columns]],
                                  tmp / CACHE_NAME)
@@ -259,6 +261,7 @@ def prepare(
             "pca_explained_variance": model.explained_variance.tolist(),
             "median_library_size": float(np.median(lib[cells])),
             "training_cache": use_cache,
+            "knn_index": resolve_method(cfg.knn_method, n, cfg.exact_knn_max_cells),
             "stage_seconds": timings,
             "config": cfg.model_dump(),
             "seed": seed,
