@@ -62,8 +62,9 @@ def main() -> None:
                             n_views=4, progress=False, lr=0.01, num_threads=1)
     dest = Path(__file__).parent / "results" / "prototype_usage.json"
     for queue_length in (int(q) for q in args.queue_lengths.split(",")):
-        model_cfg = ModelConfig(n_prototypes=4096, latent_dim=32, queue_length=queue_length,
-                                queue_start_epoch=1, hard_codes=not args.soft_codes, **extra)
+        model_cfg = ModelConfig(**{"n_prototypes": 4096, "latent_dim": 32,
+                                   "queue_length": queue_length, "queue_start_epoch": 1,
+                                   "hard_codes": not args.soft_codes, **extra})
         tag = "_".join(f"{k}{v}" for k, v in extra.items())
         ckpt = root / f"ck_q{queue_length}_{'soft' if args.soft_codes else 'hard'}{tag}"
         shutil.rmtree(ckpt, ignore_errors=True)
