@@ -95,6 +95,13 @@ class CellStore(abc.ABC):
         uniq, inverse = np.unique(rows, return_inverse=True)
         return self.read_rows(uniq)[inverse]
 
+    def _rows_in_range(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` as int64, any order; IndexError naming the store if one is outside the store."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n_obs):
+            raise IndexError(f"row index out of range [0, {self.n_obs}) in {self.path}")
+        return rows
+
     def read_dense(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """Dense counts of arbitrary rows in a given gene order (the training loader's read).
 
@@ -155,10 +162,7 @@ class PrefixStore(CellStore):
         return self.base.read_rows(rows)
 
     def read_dense(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) and (rows.min() < 0 or rows.max() >= self._n):
-            raise IndexError(f"row index out of range [0, {self._n}) in {self.path}")
-        return self.base.read_dense(rows, columns)
+        return self.base.read_dense(self._rows_in_range(rows), columns)
 
 
 def detect_format(path: str | Path) -> str:

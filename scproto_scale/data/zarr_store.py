@@ -266,9 +266,7 @@ class ZarrCellStore(CellStore):
             IndexError: a row outside ``[0, n_obs)``.
             ScprotoInputError: a corrupt or missing chunk (naming the store and rows).
         """
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) and (rows.min() < 0 or rows.max() >= self.n_obs):
-            raise IndexError(f"row index out of range [0, {self.n_obs}) in {self.path}")
+        rows = self._rows_in_range(rows)
         if self._data.chunk != self._indices.chunk:  # kernel needs aligned chunks
             return super().read_dense(rows, columns)
         col_map = column_map(columns, self.n_vars)
