@@ -57,6 +57,18 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
+def write_chunked_anndata_zarr(a: ad.AnnData, path: Path, zarr_format: int, chunk: int) -> None:
+    """An AnnData zarr store of ``a`` written by anndata with X/data and X/indices in small
+    chunks (as other tools write them), not by our ingest."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ad.io.write_elem(root, "obs", a.obs)
+        ad.io.write_elem(root, "var", a.var)
+        ad.io.write_elem(root, "X", sp.csr_matrix(a.X), dataset_kwargs={"chunks": (chunk,)})
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+
 @pytest.fixture(scope="module")
 def atlas(tmp_path_factory) -> tuple[Path, ad.AnnData]:
     """The h5ad on disk and its in-memory AnnData (CSR X)."""
@@ -211,13 +223,7 @@ def test_read_dense_all_genes_many_chunks(atlas, tmp_path):
     """The chunk-scatter path over small chunks and a 2-chunk LRU (runs cross chunk borders)."""
     _, a = atlas
     path = tmp_path / "small_chunks.zarr"
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ad.io.write_elem(root, "obs", a.obs)
-        ad.io.write_elem(root, "var", a.var)
-        ad.io.write_elem(root, "X", sp.csr_matrix(a.X), dataset_kwargs={"chunks": (777,)})
-    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    write_chunked_anndata_zarr(a, path, zarr_format=3, chunk=777)
     s = ZarrCellStore(path, cache_bytes=1)
     rows = np.random.default_rng(1).integers(0, N_CELLS, 2_000)
     np.testing.assert_array_equal(s.read_dense(rows, np.arange(N_GENES)), a.X[rows].toarray())
@@ -302,13 +308,7 @@ def test_zarr_v2_small_chunks_tiny_cache(atlas, tmp_path):
     """A zarr v2 AnnData store with many small chunks, read through a 2-chunk LRU cache."""
     _, a = atlas
     path = tmp_path / "v2.zarr"
-    root = zarr.open_group(str(path), mode="w", zarr_format=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ad.io.write_elem(root, "obs", a.obs)
-        ad.io.write_elem(root, "var", a.var)
-        ad.io.write_elem(root, "X", sp.csr_matrix(a.X), dataset_kwargs={"chunks": (5000,)})
-    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    write_chunked_anndata_zarr(a, path, zarr_format=2, chunk=5000)
     assert detect_format(path) == "zarr"
     s = ZarrCellStore(path, cache_bytes=1)
     assert s._data.max_chunks == 2 and s._data.chunk == 5000
