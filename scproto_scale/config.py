@@ -81,6 +81,9 @@ class ModelConfig(_Strict):
     # 25 / 40 (README, "Propagation weight"). 0.1 keeps the term, chosen on Kang.
     lambda_prop: float = Field(0.1, ge=0)
     lambda_prop_dual: float = Field(0.0, ge=0, description="max_k min_i (1-cos) term")
+    prop_pulls: Literal["both", "prototypes"] = Field(
+        "both", description="the propagation loss moves the worst-covered cell and its nearest "
+        "prototype (method.md), or only the prototype (the cell's embedding is detached)")
     lambda_cvae: float = Field(0.01, ge=0)
     queue_length: int = Field(
         0, ge=0, description="per-study queue of embeddings for Sinkhorn (0: off; K ≫ cells/group)"

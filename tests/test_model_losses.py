@@ -126,6 +126,25 @@ def test_propagation_loss_hand_made():
     assert propagation_dual_loss(scores.detach()).item() == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize("pulls", ["both", "prototypes"])
+def test_propagation_pulls_cells_or_only_prototypes(pulls):
+    from scproto_scale.config import ModelConfig
+    from scproto_scale.data.batch import ViewBatch
+    from scproto_scale.model.scproto import ScProto
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(latent_dim=4, n_prototypes=5, prop_pulls=pulls, dropout=0.0)
+    model = ScProto(n_genes=6, n_conditions=2, config=cfg)
+    counts = torch.poisson(torch.full((2, 8, 6), 3.0))
+    batch = ViewBatch(counts, counts.sum(-1) + 1, torch.zeros(2, 8, dtype=torch.long),
+                      torch.zeros(8, dtype=torch.long), [0])
+    model(batch)["prop"].backward()
+    encoder_grad = sum(float(p.grad.abs().sum()) for p in model.cvae.parameters()
+                       if p.grad is not None)
+    assert float(model.prototypes.weight.grad.abs().sum()) > 0
+    assert (encoder_grad > 0) == (pulls == "both")
+
+
 def test_nb_and_zinb_log_prob_match_scipy():
     rng = np.random.default_rng(0)
     mu = rng.gamma(2.0, 3.0, size=(50, 7)) + 1e-3

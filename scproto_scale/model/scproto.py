@@ -97,7 +97,8 @@ class ScProto(nn.Module):
         if queue is not None:
             assign = z_unit.reshape(V, B, -1)[:2]  # the two assignment views
             queue.push(assign.reshape(2 * B, -1), batch.group.repeat(2))
-        prop = propagation_loss(scores)
+        prop = propagation_loss(scores if cfg.prop_pulls == "both"
+                                else self.prototypes.scores(z_unit.detach()))
         total = swav + cfg.lambda_prop * prop + cfg.lambda_cvae * cvae
         out = {"loss": total, "swav": swav, "prop": prop, "cvae": cvae, "recon": recon, "kl": kl,
                # anchors' nearest prototypes: the loop tracks prototype usage per epoch
