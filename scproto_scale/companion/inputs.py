@@ -68,6 +68,8 @@ class CountInput:
         genes: the G gene names used.
         logx: ``(n, G)`` float32 CSR ``log1p(x / l · 1e4)`` (l over all genes): the edge
             weights and cell inputs of the graph encoder; None if not computed.
+        gene_sd: ``(G,)`` float32 standard deviation of ``logx`` per gene (1 where constant),
+            the scale of ``x``; None if not computed.
     """
 
     x: np.ndarray
@@ -75,6 +77,7 @@ class CountInput:
     size_factor: np.ndarray
     genes: pd.Index
     logx: sp.csr_matrix | None = None
+    gene_sd: np.ndarray | None = None
 
 
 def _top_variable_genes(X: sp.csr_matrix, genes: pd.Index, n_top: int, where: str) -> np.ndarray:
@@ -116,4 +119,4 @@ def prepare_counts(adata: ad.AnnData, n_top_genes: int | None, where: str = "inp
     sd[sd == 0] = 1.0
     x = np.clip((logx - mean) / sd, -10, 10).astype(np.float32)
     return CountInput(x=x, counts=X.toarray(), size_factor=(lib / np.median(lib)).astype(np.float32),
-                      genes=pd.Index(genes), logx=logx_sp)
+                      genes=pd.Index(genes), logx=logx_sp, gene_sd=sd.astype(np.float32))

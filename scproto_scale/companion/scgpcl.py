@@ -103,16 +103,15 @@ class _GraphFeed:
     views); a view masks entries of the sub-graph cells' input expression."""
 
     def __init__(self, model: _Model, data: CountInput, cfg: ScGPCLConfig, seed: int):
-        if data.logx is None:
-            raise ScprotoInputError("scgpcl.encoder='graph' needs the log-normalised matrix "
-                                    "(CountInput.logx, set by prepare_counts)")
+        if data.logx is None or data.gene_sd is None:
+            raise ScprotoInputError("scgpcl.encoder='graph' needs the log-normalised matrix and "
+                                    "its gene sd (CountInput.logx, .gene_sd: set by "
+                                    "prepare_counts)")
         self.model, self.cfg, self.seed = model, cfg, seed
         self.graph: BipartiteGraph = build_bipartite(data.logx)
         # Cell inputs: log-expression / per-gene sd (sparse; centring is a constant shift).
         logx = sp.csr_matrix(data.logx, dtype=np.float32)
-        m1 = np.asarray(logx.mean(0)).ravel()
-        sd = np.sqrt(np.maximum(np.asarray(logx.multiply(logx).mean(0)).ravel() - m1 ** 2, 0))
-        self.xin = sp.csr_matrix(logx @ sp.diags((1 / np.where(sd > 0, sd, 1)).astype(np.float32)))
+        self.xin = sp.csr_matrix(logx @ sp.diags((1 / data.gene_sd).astype(np.float32)))
         np.minimum(self.xin.data, 10.0, out=self.xin.data)  # clipped at 10 as the MLP's input
 
     def _cell_h(self, cells: np.ndarray, mask: bool, gen: torch.Generator | None) -> torch.Tensor:
