@@ -52,6 +52,11 @@ VARIANTS = {
     # epochs is the shipped Kang run itself (README, "Kang PBMC, 8 donors")
     "R_d32_prop0_30ep": ({"latent_dim": 32, "lambda_prop": 0.0}, {"epochs": 30}),
     "S_d32_prop0.1_30ep": ({"latent_dim": 32, "lambda_prop": 0.1}, {"epochs": 30}),
+    # from the current defaults (S), one knob each: Sinkhorn ε at SwAV's 0.05, twice the
+    # prototypes, a softer prediction temperature
+    "U_eps0.05_30ep": ({"sinkhorn_epsilon": 0.05}, {"epochs": 30}),
+    "V_K600_30ep": ({"n_prototypes": 600}, {"epochs": 30}),
+    "W_tau0.1_30ep": ({"temperature": 0.1}, {"epochs": 30}),
     # the propagation loss moving only the prototype (k-center on the bank, no pull on cells)
     "T_d32_prop1_protos_30ep": ({"latent_dim": 32, "lambda_prop": 1.0,
                                 "prop_pulls": "prototypes"}, {"epochs": 30}),

@@ -261,6 +261,19 @@ def test_released_knn_pages_read_back(cached):
     np.testing.assert_array_equal(table[::7], before)
 
 
+def test_released_chunk_maps_read_back(cached, tmp_path):
+    """Every raw chunk map stays open (count-bounded, not byte-bounded); releasing their pages
+    leaves later reads unchanged."""
+    _, prep = cached
+    store = ZarrCellStore(_copy_cache_store(prep, tmp_path), cache_bytes=1)
+    rows = np.random.default_rng(0).permutation(store.n_obs)
+    before = store.read_dense(rows, np.arange(store.n_vars))
+    n_chunks = -(-store._data.array.shape[0] // store._data.chunk)
+    assert n_chunks > 2 and len(store._data._cache) == n_chunks  # a 1-byte budget evicts none
+    store.release_pages()
+    np.testing.assert_array_equal(store.read_dense(rows, np.arange(store.n_vars)), before)
+
+
 def test_gene_coverage_is_reported_and_refused(cached):
     store, prep = cached
     model_genes = prep.genes[:100] + [f"ENSMISSING{i}" for i in range(10)]

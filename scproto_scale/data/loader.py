@@ -111,8 +111,10 @@ class ViewLoader:
         seed: seeds the neighbour draws.
         prefetch: batches built ahead in background threads (0: synchronous).
         max_retries: rebuilds of a batch whose build raised (not for input errors).
-        release_every: steps between :func:`release_pages` of memory-mapped KNN tables
-            (keeps the resident set independent of n).
+        release_every: steps between releases of the pages of the memory-mapped KNN tables
+            (:func:`release_pages`) and of the store's chunk maps
+            (:meth:`CellStore.release_pages`): keeps the resident set independent of n. A step
+            of 1,024 anchors × 8 views can touch ~60 MB of chunk pages on a 1M-cell cache.
     """
 
     def __init__(
@@ -121,7 +123,7 @@ class ViewLoader:
         gene_columns: np.ndarray, sampler: StudyStratifiedSampler, n_views: int = 8,
         neighbor_weighting: str = "uniform", seed: int = 0, prefetch: int = 2,
         max_retries: int = 2, snn_weights: np.ndarray | None = None, snn_prune: float = 1 / 15,
-        release_every: int = 64,
+        release_every: int = 16,
     ):
         if neighbor_weighting == "snn" and snn_weights is None:
             raise ValueError('neighbor_weighting="snn" needs snn_weights')
@@ -183,6 +185,7 @@ class ViewLoader:
         if self.release_every and step % self.release_every == self.release_every - 1:
             for table in (self.knn_indices, self.knn_distances, self.snn_weights):
                 release_pages(table)
+            self.store.release_pages()
 
     def _rebuild(self, draw: StepDraw, epoch: int, step: int, future: Future | None) -> ViewBatch:
         """The batch of a step: the worker's result, or rebuilt when the worker failed."""

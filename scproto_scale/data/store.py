@@ -125,6 +125,10 @@ class CellStore(abc.ABC):
             X = X @ gene_selector(columns, self.n_vars)
         return np.ascontiguousarray(X.toarray(), dtype=np.float32)
 
+    def release_pages(self) -> None:
+        """Drop memory-mapped pages this reader holds (the loader calls it every few steps so
+        that its memory does not grow with the store). No-op unless the store maps files."""
+
 
 class PrefixStore(CellStore):
     """The first ``n`` rows of another store, as a store (e.g. a 100k-cell slice of an atlas).
@@ -163,6 +167,9 @@ class PrefixStore(CellStore):
 
     def read_dense(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
         return self.base.read_dense(self._rows_in_range(rows), columns)
+
+    def release_pages(self) -> None:
+        self.base.release_pages()
 
 
 def detect_format(path: str | Path) -> str:
