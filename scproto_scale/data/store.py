@@ -128,6 +128,7 @@ class CellStore(abc.ABC):
     def release_pages(self) -> None:
         """Drop memory-mapped pages this reader holds (the loader calls it every few steps so
         that its memory does not grow with the store). No-op unless the store maps files."""
+        return
 
 
 class PrefixStore(CellStore):
