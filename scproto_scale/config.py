@@ -49,7 +49,8 @@ class PrepareConfig(_Strict):
         "and IVF on GPU (FAISS has no GPU HNSW)")
     hnsw_m: int = Field(32, gt=1, description="HNSW graph degree M")
     hnsw_ef_construction: int = Field(128, gt=0, description="HNSW build breadth")
-    hnsw_ef_search: int = Field(192, gt=0, description="HNSW search breadth (≥ n_neighbors + 1)")
+    # 192 gave recall@50 0.9495 on 1M cells, 256 0.967 for 5 % more search time (hnsw_ef.json)
+    hnsw_ef_search: int = Field(256, gt=0, description="HNSW search breadth (≥ n_neighbors + 1)")
     pca_method: Literal["auto", "exact", "randomized"] = Field(
         "auto", description="auto = exact Gram PCA up to 4,096 genes, randomized above")
     training_cache: Literal["auto", "on", "off"] = Field(

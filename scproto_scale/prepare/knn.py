@@ -37,7 +37,7 @@ def resolve_method(method: str, n: int, exact_max_cells: int) -> str:
 
 
 def build_index(X: np.ndarray, method: str = "auto", exact_max_cells: int = 200_000,
-                nprobe: int = 128, hnsw_m: int = 32, ef_search: int = 192, seed: int = 0,
+                nprobe: int = 128, hnsw_m: int = 32, ef_search: int = 256, seed: int = 0,
                 ef_construction: int = 128):
     """A FAISS index over the rows of ``X`` (already added) and its kind, e.g. ``"ivf2000-gpu"``.
 
@@ -80,7 +80,7 @@ def build_index(X: np.ndarray, method: str = "auto", exact_max_cells: int = 200_
 def knn(
     X: np.ndarray, k: int = 50, exact_max_cells: int = 200_000, nprobe: int = 128, seed: int = 0,
     method: str = "auto", out_dir: str | Path | None = None, batch: int = 65_536,
-    hnsw_m: int = 32, ef_search: int = 192, ef_construction: int = 128,
+    hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 128,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Self-KNN graph of the rows of ``X`` (Euclidean).
 
