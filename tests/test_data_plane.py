@@ -249,8 +249,8 @@ def test_loader_read_of_a_corrupt_chunk_names_store_and_rows(cached, tmp_path):
 
 
 def test_released_knn_pages_read_back(cached):
-    """release_pages drops a memory map's resident pages; reads after it are unchanged."""
-    from scproto_scale.data.loader import release_pages
+    """release_mapped_pages drops a memory map's resident pages; reads after it are unchanged."""
+    from scproto_scale.data.store import release_mapped_pages as release_pages
 
     _, prep = cached
     table = np.load(prep.path / "cache_knn_indices.npy", mmap_mode="r")

@@ -13,7 +13,6 @@ silently short. Input errors (:class:`ScprotoInputError`, e.g. a corrupt chunk) 
 from __future__ import annotations
 
 import logging
-import mmap
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -23,7 +22,7 @@ import torch
 from scproto_scale.atlas.genes import align_genes
 from scproto_scale.data.batch import ViewBatch
 from scproto_scale.data.sampler import StepDraw, StudyStratifiedSampler
-from scproto_scale.data.store import CellStore
+from scproto_scale.data.store import CellStore, release_mapped_pages
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.prepare.snn import snn_sampling_weights
 
@@ -73,20 +72,6 @@ def draw_neighbours(knn_rows: np.ndarray, n: int, rng: np.random.Generator,
     return np.take_along_axis(knn_rows, pick, axis=1)
 
 
-def release_pages(array: np.ndarray) -> None:
-    """Drop a read-only memory map's resident pages from this process (not from the page cache).
-
-    The KNN tables are memory-mapped ``(n, k)`` arrays read a few rows per step; left alone,
-    every page touched in an epoch stays mapped, and the loader's RSS grows with n (400 MB at
-    1M cells for indices and distances). ``MADV_DONTNEED`` on a clean shared file mapping just
-    unmaps the pages: a later read faults them back from the page cache. No-op on a plain array.
-    """
-    while array is not None and not isinstance(getattr(array, "_mmap", None), mmap.mmap):
-        array = getattr(array, "base", None)
-    if array is not None and hasattr(mmap, "MADV_DONTNEED"):
-        array._mmap.madvise(mmap.MADV_DONTNEED)
-
-
 class ViewLoader:
     """Iterates :class:`ViewBatch` es over an epoch.
 
@@ -112,9 +97,9 @@ class ViewLoader:
         prefetch: batches built ahead in background threads (0: synchronous).
         max_retries: rebuilds of a batch whose build raised (not for input errors).
         release_every: steps between releases of the pages of the memory-mapped KNN tables
-            (:func:`release_pages`) and of the store's chunk maps
-            (:meth:`CellStore.release_pages`): keeps the resident set independent of n. A step
-            of 1,024 anchors × 8 views can touch ~60 MB of chunk pages on a 1M-cell cache.
+            (:func:`~scproto_scale.data.store.release_mapped_pages`) and of the store's chunk
+            maps (:meth:`CellStore.release_pages`): bounds the resident set. On a 1M-cell cache
+            the mapped chunk pages reached 1.26 GiB 9 steps (512 anchors) after a release.
     """
 
     def __init__(
@@ -184,7 +169,7 @@ class ViewLoader:
     def _release(self, step: int) -> None:
         if self.release_every and step % self.release_every == self.release_every - 1:
             for table in (self.knn_indices, self.knn_distances, self.snn_weights):
-                release_pages(table)
+                release_mapped_pages(table)
             self.store.release_pages()
 
     def _rebuild(self, draw: StepDraw, epoch: int, step: int, future: Future | None) -> ViewBatch:

@@ -7,6 +7,7 @@ Rows are addressed by position ``0 … n_obs-1`` (for TileDB-SOMA the store maps
 from __future__ import annotations
 
 import abc
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,23 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scproto_scale.errors import ScprotoInputError
+
+
+def release_mapped_pages(array) -> None:
+    """Drop a read-only memory map's resident pages from this process (not from the page cache).
+
+    The loader reads a few rows per step from memory-mapped KNN tables and training-cache
+    chunks; left alone, every page touched in an epoch stays mapped and the RSS grows with n.
+    ``MADV_DONTNEED`` on a clean shared file mapping just unmaps the pages: a later read faults
+    them back from the page cache. Finds the map of an ``np.memmap`` (or a view of one) and of an
+    array made by ``np.frombuffer(mmap)``; no-op on a plain array.
+    """
+    obj = array
+    while obj is not None and not isinstance(obj, mmap.mmap):
+        obj = (obj.obj if isinstance(obj, memoryview)
+               else getattr(obj, "_mmap", None) or getattr(obj, "base", None))
+    if obj is not None and hasattr(mmap, "MADV_DONTNEED"):
+        obj.madvise(mmap.MADV_DONTNEED)
 
 
 class CellStore(abc.ABC):

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import zarr
 
 from scproto_scale.data.dense_rows import column_map, plan_runs, scatter_chunk
-from scproto_scale.data.store import CellStore
+from scproto_scale.data.store import CellStore, release_mapped_pages
 from scproto_scale.data.validate import check_unique_genes
 from scproto_scale.errors import ScprotoInputError
 
@@ -64,10 +64,10 @@ class ChunkCache:
 
         An uncompressed little-endian zarr v3 chunk (codecs ``[bytes]``, as the training cache
         writes) is its file's bytes. zarr's per-call machinery costs ~0.5–0.8 ms per chunk
-        here and decodes the whole chunk, while a training step touches ~170 chunks for a few
-        runs each; a read-only map costs one ``mmap`` and page faults on the runs actually
-        read (from the page cache). Resident pages are bounded by :meth:`release_pages`, which
-        the loader calls every few steps.
+        here and decodes the whole chunk, while a training step touches ~170 (100k cells) to
+        ~1,400 (1M) chunks for a few runs each; a read-only map costs one ``mmap`` and page
+        faults on the runs actually read (from the page cache). Resident pages are bounded by
+        :meth:`release_pages`, which the loader calls every few steps.
         """
         if self._raw_dir is None:
             return self.array[c * self.chunk : (c + 1) * self.chunk]
@@ -118,14 +118,13 @@ class ChunkCache:
 
     def release_pages(self) -> None:
         """Drop the resident pages of every open chunk map from this process (they stay in the
-        page cache; the next read faults them back). Bounds the reader's RSS independently of
-        the number of chunks, like :func:`scproto_scale.data.loader.release_pages`."""
-        if self._raw_dir is None or not hasattr(mmap, "MADV_DONTNEED"):
+        page cache; the next read faults them back): :func:`release_mapped_pages` per map."""
+        if self._raw_dir is None:
             return
         with self._lock:
             blocks = list(self._cache.values())
         for block in blocks:
-            block.base.obj.madvise(mmap.MADV_DONTNEED)  # array → memoryview → mmap
+            release_mapped_pages(block)
 
     def gather(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
         """Concatenate ``array[starts[i]:stops[i]]`` for all i (runs sorted by start).

@@ -58,9 +58,9 @@ class Prepared:
         Args:
             store: the raw store the artefacts were made from.
             cache_block: chunk-level shuffle block (cells) over the cache.
-            cache_bytes: decoded-chunk LRU budget of the cache reader. The cache is
-                uncompressed, so a miss is one file read (page cache): a small, N-independent
-                budget keeps the loader's memory flat in the number of cells.
+            cache_bytes: decoded-chunk LRU budget of the cache reader, used only when the
+                cache is not uncompressed zarr v3 (the cache this package writes is read
+                through memory maps, bounded by count and released by the loader).
 
         Returns:
             :class:`scproto_scale.prepare.cache.LoaderSource`.
