@@ -1,6 +1,7 @@
 """The main job end to end on a tiny synthetic atlas: zarr and SOMA give the same atlas."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -77,25 +78,48 @@ def test_atlas_artefact_and_embedding(zarr_run, tiny_h5ad):
     assert adata.obs["scproto_confidence"].between(-1, 1).all()
 
 
+def _first_difference(a, b) -> str:
+    """The first artefact (prepared arrays, then checkpoints in order) where two runs differ."""
+    import torch
+
+    for f in sorted((a / "prepared").glob("*.npy")):
+        if not np.array_equal(np.load(f), np.load(b / "prepared" / f.name)):
+            return f"prepared/{f.name}"
+    for f in sorted((a / "checkpoints").glob("*.pt")):
+        sa = torch.load(f, weights_only=False)["model"]
+        sb = torch.load(b / "checkpoints" / f.name, weights_only=False)["model"]
+        diff = {k: float((sa[k].double() - sb[k].double()).abs().max()) for k in sa
+                if not torch.equal(sa[k], sb[k])}
+        if diff:
+            return f"checkpoints/{f.name}: {diff}"
+    return "none before the embedding"
+
+
 def test_zarr_and_soma_give_the_same_atlas(tiny_h5ad, tmp_path):
     """Two fresh `scproto-scale train` processes (as users run them), one per store format.
 
     Fresh processes: inside this long pytest process, libraries used by other tests (jax,
-    numba) change process-global floating-point / OpenMP state and perturb the last bits.
+    numba, Ray) leave process-global state behind. Single-threaded (torch, OpenMP, BLAS), so
+    thread scheduling cannot reorder a float sum: the two atlases must agree bit for bit.
     """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1"}
     outs = {}
     for fmt in ("zarr", "soma"):
         tree = json.loads(json.dumps(BASE))
         tree["data"].update({"path": str(tiny_h5ad), "store_format": fmt})
+        tree["train"]["num_threads"] = 1
         cfg = tmp_path / f"{fmt}.yaml"
         cfg.write_text(json.dumps(tree))  # JSON is YAML
         outs[fmt] = tmp_path / fmt
         subprocess.run([sys.executable, "-m", "scproto_scale.cli", "train", str(cfg), "--out",
-                        str(outs[fmt])], check=True, capture_output=True)
+                        str(outs[fmt])], check=True, capture_output=True, env=env)
     assert (outs["soma"] / "store.soma").is_dir() and (outs["zarr"] / "store.zarr").is_dir()
     z = ad.read_h5ad(outs["zarr"] / "embeddings.h5ad")
     s = ad.read_h5ad(outs["soma"] / "embeddings.h5ad")
-    assert np.array_equal(z.obsm["X_scproto"], s.obsm["X_scproto"])
+    assert np.array_equal(z.obsm["X_scproto"], s.obsm["X_scproto"]), (
+        f"max |diff| {np.abs(z.obsm['X_scproto'] - s.obsm['X_scproto']).max():.3g}; first "
+        f"differing artefact: {_first_difference(outs['zarr'], outs['soma'])}")
     assert np.array_equal(np.load(outs["zarr"] / "atlas/prototypes.npy"),
                           np.load(outs["soma"] / "atlas/prototypes.npy"))
 
