@@ -205,13 +205,16 @@ def main() -> None:
     ap.add_argument("--scproto-epochs", type=int, default=8,
                     help="scProto training epochs (Kang settings otherwise; 0: no scProto)")
     ap.add_argument("--threads", type=int, default=1, help="torch / scVI / scProto threads")
-    ap.add_argument("--workdir", default=None, help="scratch for the scProto runs")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="scratch for the scProto runs (created if missing)")
     ap.add_argument("--embeddings", nargs="*", default=list(EMBEDDINGS), choices=EMBEDDINGS,
                     help="embeddings to (re)compute; the others' results already in --out are kept")
     ap.add_argument("--heads", nargs="*", default=list(HEADS))
     ap.add_argument("--classifiers", nargs="*", default=list(CLASSIFIERS))
     ap.add_argument("--out", default=str(RESULTS / "annotation.json"))
     args = ap.parse_args()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.splits, args.head_steps, args.scvi_epochs, args.scproto_epochs = 2, 150, 0, 0
         args.settings = args.settings or ["scarce", "transfer"]

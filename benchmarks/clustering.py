@@ -245,11 +245,14 @@ def main() -> None:
     ap.add_argument("--dec-epochs", type=int, default=15)
     ap.add_argument("--scvi-epochs", type=int, default=50)
     ap.add_argument("--scproto-epochs", type=int, default=10)
-    ap.add_argument("--workdir", default=None, help="scratch for the scProto runs")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="scratch for the scProto runs (created if missing)")
     ap.add_argument("--out", default=str(RESULTS / "clustering.json"))
     ap.add_argument("--from-logs", nargs="*", default=None,
                     help="no training: rebuild the JSON from the per-seed lines of earlier runs' logs")
     args = ap.parse_args()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.seeds, args.pretrain_epochs, args.warmup_epochs, args.dec_epochs = 1, 6, 2, 6
         args.scvi_epochs, args.scproto_epochs = 15, 3
