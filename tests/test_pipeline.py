@@ -8,6 +8,7 @@ import sys
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pipelines.atlas_job import run
@@ -15,6 +16,7 @@ from scproto_scale.atlas.atlas import PrototypeAtlas
 from scproto_scale.cli import app
 from scproto_scale.config import load_config
 from scproto_scale.errors import ScprotoInputError
+from scproto_scale.train.checkpoint import load_checkpoint
 
 BASE = {
     "seed": 0,
@@ -80,14 +82,12 @@ def test_atlas_artefact_and_embedding(zarr_run, tiny_h5ad):
 
 def _first_difference(a, b) -> str:
     """The first artefact (prepared arrays, then checkpoints in order) where two runs differ."""
-    import torch
-
     for f in sorted((a / "prepared").glob("*.npy")):
         if not np.array_equal(np.load(f), np.load(b / "prepared" / f.name)):
             return f"prepared/{f.name}"
     for f in sorted((a / "checkpoints").glob("*.pt")):
-        sa = torch.load(f, weights_only=False)["model"]
-        sb = torch.load(b / "checkpoints" / f.name, weights_only=False)["model"]
+        sa = load_checkpoint(f)["model"]
+        sb = load_checkpoint(b / "checkpoints" / f.name)["model"]
         diff = {k: float((sa[k].double() - sb[k].double()).abs().max()) for k in sa
                 if not torch.equal(sa[k], sb[k])}
         if diff:
