@@ -55,6 +55,27 @@ def test_sinkhorn_is_invariant_to_a_score_shift_and_handles_sharp_scores():
     assert torch.isfinite(sharp).all()
 
 
+def _log_domain_reference(scores: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
+    logq = scores.double().t() / epsilon
+    K, b = logq.shape
+    for _ in range(n_iters):
+        logq = logq - torch.logsumexp(logq, 1, keepdim=True) - np.log(K)
+        logq = logq - torch.logsumexp(logq, 0, keepdim=True) - np.log(b)
+    return torch.exp(logq + np.log(b)).t()
+
+
+@pytest.mark.parametrize(("epsilon", "scale"), [(0.02, 1.0), (0.05, 1.0), (0.0015, 1.0),
+                                                (1e-3, 0.3)])
+def test_sinkhorn_scaled_and_log_domain_paths_equal_a_float64_reference(epsilon, scale):
+    # ε = 0.02 / 0.05 take the float64 scaling path (score range / ε ≤ 700); ε = 0.0015 on
+    # unit-range cosines exceeds it and takes the log domain; 1e-3 on a 0.3× range is scaled.
+    scores = _scores(300, 500, seed=3) * scale
+    expected = _log_domain_reference(scores, epsilon, 3)
+    got = sinkhorn(scores, epsilon, 3)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.double().numpy(), expected.numpy(), atol=2e-5)
+
+
 def test_per_study_loss_equals_mean_of_separate_groups():
     V, B, K = 4, 60, 20
     scores = torch.stack([_scores(B, K, seed=v) for v in range(V)])
