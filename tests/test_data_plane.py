@@ -231,7 +231,7 @@ def test_corrupt_chunk_names_store_and_rows(cached, tmp_path, damage):
 
 
 def test_loader_read_of_a_corrupt_chunk_names_store_and_rows(cached, tmp_path):
-    """The loader's dense read (memory-mapped raw chunks) reports damage like zarr's path."""
+    """The loader's dense read (pread of the raw chunk files) reports damage like zarr's path."""
     _, prep = cached
     path = _copy_cache_store(prep, tmp_path)
     store = ZarrCellStore(path)
@@ -266,12 +266,34 @@ def test_released_chunk_maps_read_back(cached, tmp_path):
     leaves later reads unchanged."""
     _, prep = cached
     store = ZarrCellStore(_copy_cache_store(prep, tmp_path), cache_bytes=1)
-    rows = np.random.default_rng(0).permutation(store.n_obs)
-    before = store.read_dense(rows, np.arange(store.n_vars))
+    rows = np.sort(np.random.default_rng(0).choice(store.n_obs, store.n_obs // 2, replace=False))
+    before = store.read_rows(rows)  # the CSR gather maps the raw chunk files
     n_chunks = -(-store._data.array.shape[0] // store._data.chunk)
     assert n_chunks > 2 and len(store._data._cache) == n_chunks  # a 1-byte budget evicts none
     store.release_pages()
-    np.testing.assert_array_equal(store.read_dense(rows, np.arange(store.n_vars)), before)
+    assert (store.read_rows(rows) != before).nnz == 0
+
+
+def test_knn_table_rows_are_read_with_pread(cached, tmp_path):
+    """The loader reads memory-mapped .npy tables by row (no map); same rows, clear errors."""
+    from scproto_scale.data.pread import NpyRows, row_reader
+
+    _, prep = cached
+    table = np.load(prep.path / "cache_knn_indices.npy", mmap_mode="r")
+    reader = row_reader(table)
+    assert isinstance(reader, NpyRows) and reader.shape == table.shape
+    rows = np.concatenate([np.arange(10, 40), np.random.default_rng(0).integers(0, len(table),
+                                                                                 500), [0, 0]])
+    np.testing.assert_array_equal(reader[rows], table[rows])
+    assert row_reader(np.zeros((3, 2))) is not None and not isinstance(row_reader(np.zeros(3)),
+                                                                       NpyRows)
+    with pytest.raises(IndexError, match="out of range"):
+        reader[np.array([len(table)])]
+    cut = tmp_path / "cut.npy"
+    raw = (prep.path / "cache_knn_indices.npy").read_bytes()
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ScprotoInputError, match=r"cut\.npy: shorter than its \.npy header"):
+        NpyRows(cut)
 
 
 def test_gene_coverage_is_reported_and_refused(cached):

@@ -231,6 +231,32 @@ def test_read_dense_all_genes_many_chunks(atlas, tmp_path):
         s.read_dense(np.array([0, N_CELLS]), np.arange(3))
 
 
+@pytest.mark.parametrize(("chunk", "span"), [(777, 1 << 18), (777, 300), (50_000, 1 << 18)])
+def test_read_dense_pread_path_on_an_uncompressed_store(atlas, tmp_path, monkeypatch, chunk,
+                                                         span):
+    """An uncompressed store (the training cache) is read with pread: runs crossing chunk files,
+    runs merged into spans, spans split by the buffer length, repeats and any order."""
+    import scproto_scale.data.zarr_store as zs
+    from scproto_scale.data.writers import ZarrCSRWriter
+
+    _, a = atlas
+    path = tmp_path / "raw.zarr"
+    w = ZarrCSRWriter(path, a.var, chunk_elems=chunk, compress=False)
+    w.append(sp.csr_matrix(a.X))
+    w.finish(a.obs[["study"]].reset_index(drop=True))
+    monkeypatch.setattr(zs, "SPAN_ELEMENTS", span)
+    s = ZarrCellStore(path)
+    assert s._raw is not None
+    rows = np.random.default_rng(2).integers(0, N_CELLS, 3_000)
+    rows[:50] = np.arange(100, 150)  # adjacent rows: one span
+    columns = np.random.default_rng(3).permutation(N_GENES)[:150]
+    columns[:5] = -1
+    want = np.zeros((len(rows), len(columns)), dtype=np.float32)
+    ok = columns >= 0
+    want[:, ok] = a.X[rows][:, columns[ok]].toarray()
+    np.testing.assert_array_equal(s.read_dense(rows, columns), want)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_read_rows_out_of_range(stores, fmt):
     with pytest.raises(IndexError):

@@ -21,6 +21,7 @@ import torch
 
 from scproto_scale.atlas.genes import align_genes
 from scproto_scale.data.batch import ViewBatch
+from scproto_scale.data.pread import row_reader
 from scproto_scale.data.sampler import StepDraw, StudyStratifiedSampler
 from scproto_scale.data.store import CellStore, release_mapped_pages
 from scproto_scale.errors import ScprotoInputError
@@ -96,10 +97,10 @@ class ViewLoader:
         seed: seeds the neighbour draws.
         prefetch: batches built ahead in background threads (0: synchronous).
         max_retries: rebuilds of a batch whose build raised (not for input errors).
-        release_every: steps between releases of the pages of the memory-mapped KNN tables
-            (:func:`~scproto_scale.data.store.release_mapped_pages`) and of the store's chunk
-            maps (:meth:`CellStore.release_pages`): bounds the resident set. On a 1M-cell cache
-            the mapped chunk pages reached 1.26 GiB 9 steps (512 anchors) after a release.
+        release_every: steps between releases of the pages of tables that stay memory-mapped
+            (:func:`~scproto_scale.data.store.release_mapped_pages`; ``.npy`` memory maps are
+            read by row with ``pread`` instead) and of the store's chunk maps
+            (:meth:`CellStore.release_pages`; the training cache is read with ``pread``).
     """
 
     def __init__(
@@ -113,14 +114,17 @@ class ViewLoader:
         if neighbor_weighting == "snn" and snn_weights is None:
             raise ValueError('neighbor_weighting="snn" needs snn_weights')
         self.store, self.cells = store, np.asarray(cells)
-        self.knn_indices, self.knn_distances = knn_indices, knn_distances
+        # memory-mapped tables are read by row with pread: a map's resident set grows to the
+        # whole table within a few steps (see scproto_scale.data.pread)
+        self.knn_indices, self.knn_distances = row_reader(knn_indices), row_reader(knn_distances)
         self.library_size = np.asarray(library_size, dtype=np.float32)
         self.condition = np.asarray(condition, dtype=np.int64)
         self.gene_columns = np.asarray(gene_columns, dtype=np.int64)
         self.max_retries = max_retries
         self.sampler, self.n_views = sampler, n_views
         self.neighbor_weighting, self.seed, self.prefetch = neighbor_weighting, seed, prefetch
-        self.snn_weights, self.snn_prune = snn_weights, snn_prune
+        self.snn_weights = row_reader(snn_weights) if snn_weights is not None else None
+        self.snn_prune = snn_prune
         self.release_every = release_every
 
     def __len__(self) -> int:

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 import zarr
 
 from scproto_scale.data.dense_rows import column_map, plan_runs, scatter_chunk
+from scproto_scale.data.pread import SPAN_ELEMENTS, SPAN_GAP, RawChunkFiles, pread_scatter
 from scproto_scale.data.store import CellStore, release_mapped_pages
 from scproto_scale.data.validate import check_unique_genes
 from scproto_scale.errors import ScprotoInputError
@@ -64,10 +65,10 @@ class ChunkCache:
 
         An uncompressed little-endian zarr v3 chunk (codecs ``[bytes]``, as the training cache
         writes) is its file's bytes. zarr's per-call machinery costs ~0.5–0.8 ms per chunk
-        here and decodes the whole chunk, while a training step touches ~170 (100k cells) to
-        ~1,400 (1M) chunks for a few runs each; a read-only map costs one ``mmap`` and page
-        faults on the runs actually read (from the page cache). Resident pages are bounded by
-        :meth:`release_pages`, which the loader calls every few steps.
+        here and decodes the whole chunk; a read-only map costs one ``mmap`` and page faults
+        on the runs actually read (from the page cache). Used by :meth:`read_rows`; the
+        loader's :meth:`ZarrCellStore.read_dense` uses ``pread`` instead
+        (:mod:`scproto_scale.data.pread`), whose memory does not grow with the store.
         """
         if self._raw_dir is None:
             return self.array[c * self.chunk : (c + 1) * self.chunk]
@@ -207,6 +208,14 @@ class ZarrCellStore(CellStore):
         self._indices = ChunkCache(xg["indices"], cache_bytes // 2,
                                    self._chunk_namer("X/indices"),
                                    directory=self.path / "X" / "indices")
+        # An uncompressed store (the training cache) is read with pread, not maps: see data.pread
+        self._raw: tuple[RawChunkFiles, RawChunkFiles] | None = None
+        if (self._data._raw_dir is not None and self._indices._raw_dir is not None
+                and self._data.chunk == self._indices.chunk):
+            self._raw = tuple(
+                RawChunkFiles(cache._raw_dir, int(cache.array.shape[0]), cache.chunk,
+                              cache.array.dtype.itemsize, cache.describe)
+                for cache in (self._data, self._indices))
         self._var = ad.io.read_elem(self._root["var"])
         check_unique_genes(self._var.index, f"zarr store {self.path}")
         self._obs_group = self._root["obs"]
@@ -287,9 +296,12 @@ class ZarrCellStore(CellStore):
     def read_dense(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """Dense, gene-aligned counts of arbitrary rows (see :meth:`CellStore.read_dense`).
 
-        Each touched chunk of ``X/data`` and ``X/indices`` is fetched once (through the LRU
-        cache) and its runs are scattered straight into the output
-        (:func:`scproto_scale.data.dense_rows.scatter_chunk`): no CSR intermediate.
+        An uncompressed store (the training cache) is read with ``pread`` of each row's
+        non-zeros, nearby rows in one span, scattered in the same compiled call
+        (:func:`scproto_scale.data.pread.pread_scatter`); otherwise each touched chunk of
+        ``X/data`` and ``X/indices`` is fetched once (through the LRU cache) and its runs are
+        scattered into the output (:func:`scproto_scale.data.dense_rows.scatter_chunk`).
+        Either way there is no CSR intermediate.
 
         Raises:
             IndexError: a row outside ``[0, n_obs)``.
@@ -301,8 +313,26 @@ class ZarrCellStore(CellStore):
         col_map = column_map(columns, self.n_vars)
         out = np.zeros((len(rows), len(columns)), dtype=np.float32)
         plan = plan_runs(rows, self._indptr, self._data.chunk)
+        if self._raw is not None:
+            self._pread_dense(plan, col_map, out)
+            return out
         for c in plan.chunks.tolist():
             scatter_chunk(self._data._get_chunk(c), self._indices._get_chunk(c),
                           c * self._data.chunk, plan.starts, plan.stops, plan.occ_ptr,
                           plan.occ_out, col_map, out)
         return out
+
+    def _pread_dense(self, plan, col_map: np.ndarray, out: np.ndarray) -> None:
+        """The uncompressed path of :meth:`read_dense`: one compiled call reads and scatters."""
+        data_files, index_files = self._raw
+        longest = int((plan.stops - plan.starts).max()) if len(plan.starts) else 0
+        size = max(longest, SPAN_ELEMENTS)
+        bad = pread_scatter(
+            data_files.fds(plan.chunks), index_files.fds(plan.chunks), self._data.chunk,
+            plan.starts, plan.stops, plan.occ_ptr, plan.occ_out, col_map, out,
+            np.empty(size, dtype=self._data.array.dtype),
+            np.empty(size, dtype=self._indices.array.dtype), SPAN_GAP)
+        if bad >= 0:
+            c = int(plan.starts[bad]) // self._data.chunk
+            raise ScprotoInputError(f"{self._data.describe(c)}: short read (chunk file truncated "
+                                    "or replaced while reading)")

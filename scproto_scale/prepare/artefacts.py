@@ -60,7 +60,7 @@ class Prepared:
             cache_block: chunk-level shuffle block (cells) over the cache.
             cache_bytes: decoded-chunk LRU budget of the cache reader, used only when the
                 cache is not uncompressed zarr v3 (the cache this package writes is read
-                through memory maps, bounded by count and released by the loader).
+                with ``pread``: :mod:`scproto_scale.data.pread`).
 
         Returns:
             :class:`scproto_scale.prepare.cache.LoaderSource`.
