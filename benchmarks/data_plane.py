@@ -718,19 +718,18 @@ def extrapolate(res: dict, N: int) -> dict:
         }
     out["notes"] = (
         "Every prepare pass streams row chunks, so time is linear in N and memory flat except "
-        "O(N) per-cell vectors (library size, study code: 8 B/cell) and the memory-mapped PCA "
-        "scores and KNN tables (released by the loader every 16 steps). HNSW grows ~N log N. "
-        "On this 2-core machine the first bottleneck is the two HVG passes and the PCA Gram "
-        "(linear, BLAS-bound) with the HNSW build/search close behind: at 10M cells prepare "
-        "takes hours; its GPU paths (torch PCA, faiss-gpu IVF) and more cores are the way "
-        "out. The loader's cost per step grows slowly with N on this synthetic atlas: a "
-        "cell's KNN views are spread over every locality cluster of its type (within a type "
-        "the generator's cells differ only by noise), so a step touched ~170 cache chunks per "
-        "array at 100k and ~1,400 at 1M (28k → 22.5k anchors/s); the resident pages of those "
-        "chunks between two releases are what makes peak RSS grow (1.5x from 100k to 1M). "
-        "Real atlases' neighbourhoods are more local. At 50M cells the KNN tables (18.6 GiB) and the "
-        "training cache no longer fit in this machine's page cache: neighbour lookups "
-        "become disk reads, so the cache and its KNN rows should be sharded together.")
+        "O(N) per-cell vectors (library size, study code: 8 B/cell). HNSW grows ~N log N; at "
+        f"{N:,} cells the KNN is already {st['knn_s'] / sum(st.values()):.0%} of prepare "
+        "here, so it is the first bottleneck (then "
+        "the two HVG passes and the PCA Gram, linear and BLAS-bound): at 10M cells prepare takes "
+        "hours on 2 cores; its GPU paths (torch PCA, faiss-gpu IVF) and more cores are the way "
+        "out. The loader reads each step's rows of the training cache and KNN table with "
+        "pread (no memory maps), so its cost per step is per row, not per chunk or per N, and "
+        "its memory is its buffers: the page cache holds the files outside the process. At "
+        "50M cells the KNN tables (18.6 GiB) and the training cache (~50 GB) no longer fit in "
+        "this machine's page cache: row reads become disk reads (an NVMe random read is "
+        "~100 µs, ~1,000× a page-cache pread), so the cache and its KNN rows should be "
+        "sharded together across nodes or kept on local NVMe with prefetch depth to match.")
     return out
 
 
