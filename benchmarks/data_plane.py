@@ -6,8 +6,9 @@
 
 Runs in resumable sections (``--only prepare loader knn pca hvg rss``; finished sections are
 kept in ``WORK/sections.json``, so a long run can be done in pieces of < 15 min under the
-benchmark lock), and writes ``benchmarks/results/data_plane.json`` (``--out``) from all
-finished sections, listing the missing ones, with:
+benchmark lock), and writes ``benchmarks/results/data_plane.json`` (``--quick``:
+``data_plane_quick.json``; ``--out``) from all finished sections, listing the missing ones,
+with:
 
 * ``loader_cells_per_s``: anchor cells per second of our view loader (each anchor with V−1 = 7
   KNN neighbours, gene-aligned dense ``(V, B, G)`` tensors, as the model consumes them) from
@@ -475,7 +476,8 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore")
     N = args.n_cells or (200_000 if args.quick else 1_000_000)
-    out = args.out or ROOT / "benchmarks" / "results" / "data_plane.json"
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        "data_plane_quick.json" if args.quick else "data_plane.json")
     work = args.work / f"n{N}_g{args.n_genes}_s{args.seed}"
     work.mkdir(parents=True, exist_ok=True)
     sections_file = work / "sections.json"
