@@ -243,6 +243,9 @@ def test_loader_read_of_a_corrupt_chunk_names_store_and_rows(cached, tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:100])
     with pytest.raises(ScprotoInputError, match=r"cache\.zarr: X/data chunk 1 .*rows \d+–\d+"):
         ZarrCellStore(path).read_dense(rows, np.arange(store.n_vars))
+    # the memory-mapped row reader shares the size check and its message
+    with pytest.raises(ScprotoInputError, match=r"X/data chunk 1 .*100 bytes.*truncated"):
+        ZarrCellStore(path).read_rows(rows)
     chunk.unlink()
     with pytest.raises(ScprotoInputError, match=r"X/data chunk 1 .*missing"):
         ZarrCellStore(path).read_dense(rows, np.arange(store.n_vars))

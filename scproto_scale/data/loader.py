@@ -123,7 +123,7 @@ class ViewLoader:
         self.max_retries = max_retries
         self.sampler, self.n_views = sampler, n_views
         self.neighbor_weighting, self.seed, self.prefetch = neighbor_weighting, seed, prefetch
-        self.snn_weights = row_reader(snn_weights) if snn_weights is not None else None
+        self.snn_weights = row_reader(snn_weights)
         self.snn_prune = snn_prune
         self.release_every = release_every
 

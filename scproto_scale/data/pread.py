@@ -33,6 +33,16 @@ SPAN_GAP = 1024
 SPAN_ELEMENTS = 1 << 18
 
 
+def check_chunk_size(path: Path, size: int, n: int, chunk: int, itemsize: int,
+                     what: str) -> None:
+    """Raise :class:`ScprotoInputError` naming ``what`` and ``path`` unless an uncompressed
+    chunk file of ``n`` valid elements has ``size`` bytes: zarr v3 writes edge chunks at full
+    size (``chunk`` elements), so anything else is a truncated or corrupt file."""
+    if size not in (n * itemsize, chunk * itemsize):
+        raise ScprotoInputError(f"{what}: chunk file {path} has {size} bytes, expected "
+                                f"{n * itemsize} (truncated or corrupt)")
+
+
 class RawChunkFiles:
     """Open file descriptors of a 1-D uncompressed zarr v3 array's chunk files.
 
@@ -71,12 +81,12 @@ class RawChunkFiles:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise ScprotoInputError(f"{self.describe(c)}: chunk file {path} is missing") from None
-        size = os.fstat(fd).st_size
-        # zarr v3 stores edge chunks at full size; a shorter (or odd) file is truncated
-        if size not in (n * self.itemsize, self.chunk * self.itemsize):
+        try:
+            check_chunk_size(path, os.fstat(fd).st_size, n, self.chunk, self.itemsize,
+                             self.describe(c))
+        except ScprotoInputError:
             os.close(fd)
-            raise ScprotoInputError(f"{self.describe(c)}: chunk file {path} has {size} bytes, "
-                                    f"expected {n * self.itemsize} (truncated or corrupt)")
+            raise
         return fd
 
     def close(self) -> None:
@@ -95,7 +105,8 @@ class RawChunkFiles:
 # not cached on disk: numba cannot cache functions that call a ctypes pointer (compiles ~1 s)
 @numba.njit(nogil=True)
 def _read_run(fds, chunk, buf, a, b) -> int:  # pragma: no cover (compiled)
-    """``array[a:b]`` into ``buf[:b-a]`` across chunk files; −1 on a short read, else 0."""
+    """``array[a:b]`` into ``buf[:b-a]`` across chunk files; −1 on success, else the chunk
+    whose read came back short (the module's kernels' convention)."""
     isz = buf.itemsize
     pos, filled = a, 0
     while pos < b:
@@ -104,10 +115,10 @@ def _read_run(fds, chunk, buf, a, b) -> int:  # pragma: no cover (compiled)
         want = (end - pos) * isz
         got = _pread(fds[c], buf.ctypes.data + filled * isz, want, (pos - c * chunk) * isz)
         if got != want:
-            return -1
+            return c
         filled += end - pos
         pos = end
-    return 0
+    return -1
 
 
 @numba.njit(nogil=True, cache=True)
@@ -151,8 +162,8 @@ def pread_scatter(fds_data, fds_indices, chunk, starts, stops, occ_ptr, occ_out,
             hi = max(hi, stops[last])
             last += 1
         if hi > lo:
-            if _read_run(fds_data, chunk, buf_data, lo, hi) or \
-                    _read_run(fds_indices, chunk, buf_indices, lo, hi):
+            if _read_run(fds_data, chunk, buf_data, lo, hi) >= 0 or \
+                    _read_run(fds_indices, chunk, buf_indices, lo, hi) >= 0:
                 return r
         for q in range(r, last):
             for o in range(occ_ptr[q], occ_ptr[q + 1]):

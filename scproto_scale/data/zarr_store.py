@@ -21,7 +21,13 @@ import scipy.sparse as sp
 import zarr
 
 from scproto_scale.data.dense_rows import column_map, plan_runs, scatter_chunk
-from scproto_scale.data.pread import SPAN_ELEMENTS, SPAN_GAP, RawChunkFiles, pread_scatter
+from scproto_scale.data.pread import (
+    SPAN_ELEMENTS,
+    SPAN_GAP,
+    RawChunkFiles,
+    check_chunk_size,
+    pread_scatter,
+)
 from scproto_scale.data.store import CellStore, release_mapped_pages
 from scproto_scale.data.validate import check_unique_genes
 from scproto_scale.errors import ScprotoInputError
@@ -80,10 +86,7 @@ class ChunkCache:
             if self.nonzero:  # zarr would return the fill value: a missing chunk
                 raise ScprotoInputError(f"{self.describe(c)}: chunk file {path} is missing") from None
             return np.zeros(n, dtype=self.array.dtype)
-        # zarr v3 stores edge chunks at full size; a shorter (or odd) file is truncated
-        itemsize = self.array.dtype.itemsize
-        if size not in (n * itemsize, self.chunk * itemsize):
-            raise ValueError(f"chunk file {path} has {size} bytes, expected {n * itemsize}")
+        check_chunk_size(path, size, n, self.chunk, self.array.dtype.itemsize, self.describe(c))
         # mmap + frombuffer: np.memmap resolves the path on every call (~0.3 ms here)
         fd = os.open(path, os.O_RDONLY)
         try:
