@@ -45,7 +45,7 @@ from scproto_scale.prepare.run import prepare
 from scproto_scale.provenance import versions
 from scproto_scale.simulate import write_simulated_atlas
 from scproto_scale.train.launch import launch_ray
-from scproto_scale.train.loop import prototype_perplexity
+from scproto_scale.train.loop import mean_resultant_length, prototype_perplexity
 from scproto_scale.train.spawn import run_ranks
 from scproto_scale.train.worker import TrainJob, run_worker
 
@@ -206,6 +206,7 @@ def bench_resume(root: Path) -> dict:
 # ---- the queue at K = 4,096 ----------------------------------------------------------------
 
 QUEUE_LENGTH = 1024  # per study: 4× the group's 256 cells per step (Sinkhorn cost ∝ L + b)
+QUEUE_LR = 1e-3
 
 
 def bench_queue(root: Path, epochs: int, n_cells: int) -> dict:
@@ -214,10 +215,12 @@ def bench_queue(root: Path, epochs: int, n_cells: int) -> dict:
     store = open_store(ingest(h5ad, root / "queue.zarr"))
     prep = prepare(store, root / "queue.prepared", "study",
                    PrepareConfig(n_top_genes=500, n_pcs=30, n_neighbors=15))
-    # 4 studies × 256 anchors per step: K = 4,096 ≫ cells per study group
+    # 4 studies × 256 anchors per step: K = 4,096 ≫ cells per study group. Peak lr 1e-3: at
+    # the default 1e-2 this short run collapses the μ direction with or without the queue
+    # (mean resultant 1.0), which leaves nothing to compare (README, "Queue").
     train_cfg = TrainConfig(epochs=epochs, batch_size=1024, min_cells_per_study=256, n_views=4,
-                            progress=False, lr=0.01)
-    out = {"K": 4096, "cells_per_study_group_per_step": 256, "epochs": epochs,
+                            progress=False, lr=QUEUE_LR)
+    out = {"K": 4096, "cells_per_study_group_per_step": 256, "epochs": epochs, "lr": QUEUE_LR,
            "n_cells": n_cells, "queue_length": QUEUE_LENGTH, "queue_start_epoch": 1,
            "perplexity": "exp(entropy) of the nearest-prototype frequencies of all cells (μ)"}
     for name, queue_length in (("without_queue", 0), ("with_queue", QUEUE_LENGTH)):
@@ -234,6 +237,8 @@ def bench_queue(root: Path, epochs: int, n_cells: int) -> dict:
                      "last_epoch_training_perplexity": res.history[-1]["prototype_perplexity"],
                      "cells_nearest_prototype_perplexity": round(prototype_perplexity(usage), 1),
                      "prototypes_used_by_cells": int((usage > 0).sum()),
+                     "mu_resultant": round(mean_resultant_length(torch.from_numpy(emb.X_scproto)),
+                                           3),
                      "history": res.history}
         log(f"  queue {name}: {out[name]['cells_nearest_prototype_perplexity']}")
     return out
@@ -308,13 +313,14 @@ def markdown(result: dict) -> str:
                          f"{p['peak_rss_delta_gib']} |")
     q = result["queue"]
     lines += ["", f"| K = 4,096, 256 cells per study group, {q['epochs']} epochs | perplexity "
-              "(cells' nearest prototype) | prototypes used by cells | last-epoch training "
-              "perplexity | train s |", "|---|---:|---:|---:|---:|"]
+              "(cells' nearest prototype) | prototypes used by cells | μ mean resultant "
+              "(1 = collapsed) | last-epoch training perplexity | train s |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name in ("without_queue", "with_queue"):
         r = q[name]
         lines.append(f"| {name.replace('_', ' ')} | {r['cells_nearest_prototype_perplexity']} | "
-                     f"{r['prototypes_used_by_cells']} | {r['last_epoch_training_perplexity']} | "
-                     f"{r['train_s']} |")
+                     f"{r['prototypes_used_by_cells']} | {r.get('mu_resultant', 'n/a')} | "
+                     f"{r['last_epoch_training_perplexity']} | {r['train_s']} |")
     return "\n".join(lines)
 
 

@@ -7,8 +7,9 @@ The setting of ``benchmarks/distributed.py``'s queue part (6,000 synthetic cells
 1,024 anchors per step: 6 steps per epoch), trained longer or with other queue lengths. Prints
 one JSON line per run and appends it to ``benchmarks/results/prototype_usage.json``:
 ``mu_perplexity`` / ``used`` are over every cell's nearest prototype of its mean embedding
-(what the atlas reports), ``train_perplexity`` the per-epoch perplexity of the training
-assignments. One thread per run (runs are meant to go side by side on this 2-core box).
+(what the atlas reports), ``mu_resultant`` the mean resultant length of the unit mean
+embeddings (1: every cell points the same way, a collapsed embedding),
+``train_perplexity`` the per-epoch perplexity of the training assignments. One thread per run (runs are meant to go side by side on this 2-core box).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from scproto_scale.data.store import open_store
 from scproto_scale.prepare.artefacts import Prepared
 from scproto_scale.prepare.run import prepare
 from scproto_scale.simulate import write_simulated_atlas
-from scproto_scale.train.loop import prototype_perplexity
+from scproto_scale.train.loop import mean_resultant_length, prototype_perplexity
 from scproto_scale.train.worker import TrainJob, run_worker
 
 
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--n-cells", type=int, default=6000)
     ap.add_argument("--queue-lengths", default="0", help="comma-separated, per study")
     ap.add_argument("--soft-codes", action="store_true")
+    ap.add_argument("--lr", type=float, default=0.01,
+                    help="peak learning rate (1e-2 collapses the μ direction here; see README)")
     ap.add_argument("--root", type=Path, default=Path("runs/prototype_usage"))
     ap.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra ModelConfig field, e.g. lambda_prop=0 (repeatable)")
@@ -59,13 +62,13 @@ def main() -> None:
             prepare(store, prep_path, "study",
                     PrepareConfig(n_top_genes=500, n_pcs=30, n_neighbors=15)))
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=1024, min_cells_per_study=256,
-                            n_views=4, progress=False, lr=0.01, num_threads=1)
+                            n_views=4, progress=False, lr=args.lr, num_threads=1)
     dest = Path(__file__).parent / "results" / "prototype_usage.json"
     for queue_length in (int(q) for q in args.queue_lengths.split(",")):
         model_cfg = ModelConfig(**{"n_prototypes": 4096, "latent_dim": 32,
                                    "queue_length": queue_length, "queue_start_epoch": 1,
                                    "hard_codes": not args.soft_codes, **extra})
-        tag = "_".join(f"{k}{v}" for k, v in extra.items())
+        tag = "_".join(f"{k}{v}" for k, v in {**extra, "lr": args.lr}.items())
         ckpt = root / f"ck_q{queue_length}_{'soft' if args.soft_codes else 'hard'}{tag}"
         shutil.rmtree(ckpt, ignore_errors=True)
         t0 = time.perf_counter()
@@ -78,7 +81,9 @@ def main() -> None:
                "epochs": args.epochs,
                "queue_length": queue_length, "hard_codes": not args.soft_codes, "model": extra,
                "train_s": round(time.perf_counter() - t0, 1),
+               "lr": args.lr,
                "mu_perplexity": round(prototype_perplexity(usage), 1),
+               "mu_resultant": round(mean_resultant_length(torch.from_numpy(emb.X_scproto)), 3),
                "used": int((usage > 0).sum()),
                "train_perplexity": [h["prototype_perplexity"] for h in res.history],
                "machine": "2-core shared box, no GPU, 1 thread"}

@@ -141,6 +141,17 @@ def prototype_perplexity(usage: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def mean_resultant_length(x_unit: torch.Tensor) -> float:
+    """``‖mean_i x_i‖`` of ``(n, d)`` unit vectors (directional statistics' R̄), in [0, 1].
+
+    1 means every cell's embedding points the same way: the normalised embedding has collapsed
+    onto one direction and no prototype bank can tell the cells apart; a spread embedding is
+    far below 1. Nearest-prototype usage is only meaningful when this is well below 1.
+    """
+    x = torch.as_tensor(x_unit, dtype=torch.float64)
+    return float(x.mean(dim=0).norm()) if len(x) else float("nan")
+
+
 @dataclass
 class _Progress:
     """Position in the run and the running sums of the current epoch (per rank)."""
