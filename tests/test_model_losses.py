@@ -215,3 +215,17 @@ def test_queue_rows_change_the_codes_but_only_batch_rows_are_used():
     # codes of the batch rows = the last rows of Sinkhorn over the stack
     stacked = sinkhorn(torch.cat([queue, scores]), 0.05, 3)[-16:]
     assert torch.allclose(stacked.sum(1), torch.ones(16), atol=1e-5)
+
+
+def test_usage_diagnostics_perplexity_and_mean_resultant():
+    """Prototype perplexity counts effective prototypes; R̄ is 1 only for one shared direction."""
+    from scproto_scale.train.loop import mean_resultant_length, prototype_perplexity
+
+    assert prototype_perplexity(torch.tensor([5, 5, 5, 5, 0])) == pytest.approx(4.0)
+    assert prototype_perplexity(torch.tensor([0, 9, 0])) == pytest.approx(1.0)
+    same = F.normalize(torch.ones(50, 8), dim=1)
+    assert mean_resultant_length(same) == pytest.approx(1.0)
+    x = F.normalize(torch.randn(200, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert mean_resultant_length(torch.cat([x, -x])) == pytest.approx(0.0, abs=1e-12)
+    assert mean_resultant_length(x) < 0.3  # 200 random directions in R^8: ≈ 1/sqrt(200)
+    assert np.isnan(mean_resultant_length(torch.zeros(0, 8)))
