@@ -45,7 +45,7 @@ from scproto_scale.prepare.run import prepare
 from scproto_scale.provenance import versions
 from scproto_scale.simulate import write_simulated_atlas
 from scproto_scale.train.launch import launch_ray
-from scproto_scale.train.loop import mean_resultant_length, prototype_perplexity
+from scproto_scale.train.loop import cell_prototype_usage
 from scproto_scale.train.spawn import run_ranks
 from scproto_scale.train.worker import TrainJob, run_worker
 
@@ -231,14 +231,12 @@ def bench_queue(root: Path, epochs: int, n_cells: int) -> dict:
                                   str(root / f"ck_{name}"), seed=0))
         atlas = PrototypeAtlas(res.model, prep.genes, prep.studies, {})
         emb = atlas.embed_store(store, "study")
-        usage = torch.bincount(torch.from_numpy(np.asarray(emb.prototype, dtype=np.int64)),
-                               minlength=4096)
+        use = cell_prototype_usage(emb.prototype, emb.X_scproto, 4096)
         out[name] = {"train_s": round(time.perf_counter() - t0, 1),
                      "last_epoch_training_perplexity": res.history[-1]["prototype_perplexity"],
-                     "cells_nearest_prototype_perplexity": round(prototype_perplexity(usage), 1),
-                     "prototypes_used_by_cells": int((usage > 0).sum()),
-                     "mu_resultant": round(mean_resultant_length(torch.from_numpy(emb.X_scproto)),
-                                           3),
+                     "cells_nearest_prototype_perplexity": use["perplexity"],
+                     "prototypes_used_by_cells": use["used"],
+                     "mu_resultant": use["mean_resultant"],
                      "history": res.history}
         log(f"  queue {name}: {out[name]['cells_nearest_prototype_perplexity']}")
     return out

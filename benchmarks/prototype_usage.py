@@ -8,8 +8,9 @@ The setting of ``benchmarks/distributed.py``'s queue part (6,000 synthetic cells
 one JSON line per run and appends it to ``benchmarks/results/prototype_usage.json``:
 ``mu_perplexity`` / ``used`` are over every cell's nearest prototype of its mean embedding
 (what the atlas reports), ``mu_resultant`` the mean resultant length of the unit mean
-embeddings (1: every cell points the same way, a collapsed embedding),
-``train_perplexity`` the per-epoch perplexity of the training assignments. One thread per run (runs are meant to go side by side on this 2-core box).
+embeddings (1: every cell points the same way, a collapsed embedding), ``train_perplexity``
+the per-epoch perplexity of the training assignments. One thread per run (runs are meant to go
+side by side on this 2-core box).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -31,7 +31,7 @@ from scproto_scale.data.store import open_store
 from scproto_scale.prepare.artefacts import Prepared
 from scproto_scale.prepare.run import prepare
 from scproto_scale.simulate import write_simulated_atlas
-from scproto_scale.train.loop import mean_resultant_length, prototype_perplexity
+from scproto_scale.train.loop import cell_prototype_usage
 from scproto_scale.train.worker import TrainJob, run_worker
 
 
@@ -75,16 +75,15 @@ def main() -> None:
         res = run_worker(TrainJob(str(store.path), str(prep.path), model_cfg, train_cfg,
                                   str(ckpt), seed=0))
         emb = PrototypeAtlas(res.model, prep.genes, prep.studies, {}).embed_store(store, "study")
-        usage = torch.bincount(torch.from_numpy(np.asarray(emb.prototype, dtype=np.int64)),
-                               minlength=4096)
+        use = cell_prototype_usage(emb.prototype, emb.X_scproto, 4096)
         row = {"K": 4096, "cells_per_study_group": 256, "n_cells": args.n_cells,
                "epochs": args.epochs,
                "queue_length": queue_length, "hard_codes": not args.soft_codes, "model": extra,
                "train_s": round(time.perf_counter() - t0, 1),
                "lr": args.lr,
-               "mu_perplexity": round(prototype_perplexity(usage), 1),
-               "mu_resultant": round(mean_resultant_length(torch.from_numpy(emb.X_scproto)), 3),
-               "used": int((usage > 0).sum()),
+               "mu_perplexity": use["perplexity"],
+               "mu_resultant": use["mean_resultant"],
+               "used": use["used"],
                "train_perplexity": [h["prototype_perplexity"] for h in res.history],
                "machine": "2-core shared box, no GPU, 1 thread"}
         print(json.dumps(row), flush=True)

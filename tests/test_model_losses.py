@@ -229,3 +229,7 @@ def test_usage_diagnostics_perplexity_and_mean_resultant():
     assert mean_resultant_length(torch.cat([x, -x])) == pytest.approx(0.0, abs=1e-12)
     assert mean_resultant_length(x) < 0.3  # 200 random directions in R^8: ≈ 1/sqrt(200)
     assert np.isnan(mean_resultant_length(torch.zeros(0, 8)))
+    from scproto_scale.train.loop import cell_prototype_usage
+
+    use = cell_prototype_usage(np.array([0, 0, 3, 3]), same[:4].numpy(), n_prototypes=5)
+    assert use == {"perplexity": 2.0, "used": 2, "mean_resultant": 1.0}

@@ -152,6 +152,16 @@ def mean_resultant_length(x_unit: torch.Tensor) -> float:
     return float(x.mean(dim=0).norm()) if len(x) else float("nan")
 
 
+def cell_prototype_usage(prototype: np.ndarray, x_unit: np.ndarray,
+                         n_prototypes: int) -> dict[str, float]:
+    """How an atlas's cells use its prototypes: ``perplexity`` and ``used`` of the ``(n,)``
+    nearest-prototype ids, and the ``mean_resultant`` of the ``(n, d)`` unit embeddings."""
+    usage = torch.bincount(torch.from_numpy(np.asarray(prototype, dtype=np.int64)),
+                           minlength=n_prototypes)
+    return {"perplexity": round(prototype_perplexity(usage), 1), "used": int((usage > 0).sum()),
+            "mean_resultant": round(mean_resultant_length(torch.from_numpy(x_unit)), 3)}
+
+
 @dataclass
 class _Progress:
     """Position in the run and the running sums of the current epoch (per rank)."""
