@@ -93,10 +93,16 @@ def source_path(ds: Dataset) -> Path:
 
 
 def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacells: bool,
-             notes: list[str], figure: bool, resume: bool = False, vae_epochs: int | None = None) -> tuple[dict[str, dict[str, float]], dict]:
-    """All methods on one dataset and seed → ``({method: {metric: value}}, run info)``."""
+             notes: list[str], figure: bool, resume: bool = False, vae_epochs: int | None = None,
+             tag: str = "", baselines_on: bool = True) -> tuple[dict[str, dict[str, float]], dict]:
+    """All methods on one dataset and seed → ``({method: {metric: value}}, run info)``.
+
+    ``tag`` names a variant (its runs go to ``runs/quality/<name><tag>``); without
+    ``baselines_on`` only scProto, the unintegrated PCA and k-means metacells are scored (a
+    settings sweep).
+    """
     path = source_path(ds)
-    out = RUNS / name / f"seed{seed}"
+    out = RUNS / f"{name}{tag}" / f"seed{seed}"
     base = {"seed": seed, "data": {"path": str(path), "batch_key": ds.batch_key,
                                    "label_key": ds.label_key},
             "evaluate": {"enabled": False}, "train": {"progress": False}}
@@ -134,9 +140,12 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
 
     wall = {"scproto": st["prepare"] + st["train"] + st["export"], "pca": st["prepare"]}
     obsm = {"scproto": emb.obsm["X_scproto"], "pca": pca}
-    for method, fn in (("harmony", lambda: baselines.harmony_embedding(pca, batches, seed)),
-                       ("scvi", lambda: baselines.scvi_embedding(hvg, batches, seed, epochs)),
-                       ("scpoli", lambda: baselines.scpoli_embedding(hvg, batches, seed, epochs))):
+    embedding_baselines = (
+        ("harmony", lambda: baselines.harmony_embedding(pca, batches, seed)),
+        ("scvi", lambda: baselines.scvi_embedding(hvg, batches, seed, epochs)),
+        ("scpoli", lambda: baselines.scpoli_embedding(hvg, batches, seed, epochs)),
+    )
+    for method, fn in embedding_baselines if baselines_on else ():
         cached = out / f"baseline_{method}_e{epochs}.npz"
         if resume and cached.exists():  # an interrupted benchmark: reuse embedding and time
             z = np.load(cached)
@@ -173,7 +182,7 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
     assignments = {"scproto": proto}
     km, wall["kmeans_metacells"] = baselines.kmeans_metacells(pca, n_used, seed)
     assignments["kmeans_metacells"] = km
-    if use_seacells:
+    if use_seacells and baselines_on:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -182,6 +191,8 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
             notes += [f"seacells: {w.message}" for w in caught if w.category is UserWarning]
         except baselines.BaselineUnavailable as e:
             notes.append(str(e))
+        except Exception as e:  # an optional baseline's failure must not lose the other scores
+            notes.append(f"seacells failed: {type(e).__name__}: {e}")
     for m, a in assignments.items():
         q = partition_quality(a, pca, hvg, labels, studies)
         if q["uncovered_types"]:
@@ -247,6 +258,38 @@ def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
     return out
 
 
+def run_dataset(name: str, seeds: int, overrides: list[str], *, use_seacells: bool = True,
+                resume: bool = False, vae_epochs: int | None = None, tag: str = "",
+                baselines_on: bool = True, figures: bool = True, quick: bool = False) -> dict:
+    """Every seed of one dataset (see :func:`run_seed`) → the aggregated result with ``_run``."""
+    ds = DATASETS[name]
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    per_seed, infos = [], []
+    for seed in range(seeds):
+        scores, info = run_seed(name, ds, seed, overrides, use_seacells, notes,
+                                figure=figures and seed == 0, resume=resume,
+                                vae_epochs=vae_epochs, tag=tag, baselines_on=baselines_on)
+        per_seed.append(scores)
+        infos.append(info)
+        print(json.dumps({m: {k: round(v, 3) for k, v in s.items()
+                              if k in ("scib_total", "scib_batch", "scib_bio",
+                                       "scgraph_corr_weighted", "metacell_purity",
+                                       "wall_time_s")}
+                          for m, s in scores.items()}), flush=True)
+    result = aggregate(per_seed)
+    result["_run"] = {
+        "description": ds.description, "seeds": list(range(seeds)),
+        "batch_key": ds.batch_key, "study_key": ds.study_key,
+        "scproto_config": "config defaults" + (f" + {overrides}" if overrides else ""),
+        "vae_epochs": infos[0]["vae_epochs"], "per_seed": infos,
+        "warnings": sorted(set(notes)), "wall_s": round(time.perf_counter() - t0, 1),
+        "machine": machine(), "quick": quick, "resumed": resume,
+        "scib": "scib-metrics Benchmarker, unscaled; batch correction uses BRAS",
+    }
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default=",".join(DATASETS),
@@ -262,48 +305,30 @@ def main() -> None:
                     help="reuse finished scProto stages under runs/quality (times of the run "
                          "that did them)")
     ap.add_argument("--tables", action="store_true",
-                    help="only regenerate quality.md and the F1 plots from quality.json")
+                    help="only regenerate the markdown (and quality's F1 plots) from the JSON")
+    ap.add_argument("--out", default="quality",
+                    help="results stem under benchmarks/results (a side study, e.g. the "
+                         "baselines' epoch budget, keeps quality.json and the figures intact)")
     args = ap.parse_args()
-    dest = RESULTS / "quality.json"
+    dest = RESULTS / f"{args.out}.json"
+    main_report = args.out == "quality"
     if not args.tables:
         names = [QUICK] if args.quick else args.datasets.split(",")
-        seeds = 1 if args.quick else args.seeds
         unknown = sorted(set(names) - set(DATASETS))
         if unknown:
             ap.error(f"unknown datasets {unknown}; choose from {list(DATASETS)}")
         for name in names:
-            ds = DATASETS[name]
-            t0 = time.perf_counter()
-            notes: list[str] = []
-            per_seed, infos = [], []
-            for seed in range(seeds):
-                scores, info = run_seed(name, ds, seed, args.overrides, not args.no_seacells,
-                                        notes, figure=seed == 0, resume=args.resume,
-                                        vae_epochs=args.vae_epochs)
-                per_seed.append(scores)
-                infos.append(info)
-                print(json.dumps({m: {k: round(v, 3) for k, v in s.items()
-                                      if k in ("scib_total", "scib_batch", "scib_bio",
-                                               "scgraph_corr_weighted", "metacell_purity",
-                                               "wall_time_s")}
-                                  for m, s in scores.items()}), flush=True)
-            result = aggregate(per_seed)
-            result["_run"] = {
-                "description": ds.description, "seeds": list(range(seeds)),
-                "batch_key": ds.batch_key, "study_key": ds.study_key,
-                "scproto_config": "config defaults" + (f" + {args.overrides}"
-                                                       if args.overrides else ""),
-                "vae_epochs": infos[0]["vae_epochs"], "per_seed": infos,
-                "warnings": sorted(set(notes)), "wall_s": round(time.perf_counter() - t0, 1),
-                "machine": machine(), "quick": args.quick, "resumed": args.resume,
-                "scib": "scib-metrics Benchmarker, unscaled; batch correction uses BRAS",
-            }
+            result = run_dataset(name, 1 if args.quick else args.seeds, args.overrides,
+                                 use_seacells=not args.no_seacells, resume=args.resume,
+                                 vae_epochs=args.vae_epochs, figures=main_report,
+                                 quick=args.quick)
             merge_json(dest, {name: result})
     data = json.loads(dest.read_text())
-    write_quality_markdown(data, RESULTS / "quality.md")
-    for name, res in data.items():
-        plot_f1_bars(res, name, RESULTS / f"quality_f1_{name}.png")
-    print(f"wrote {dest} and {RESULTS / 'quality.md'}")
+    write_quality_markdown(data, RESULTS / f"{args.out}.md")
+    if main_report:
+        for name, res in data.items():
+            plot_f1_bars(res, name, RESULTS / f"quality_f1_{name}.png")
+    print(f"wrote {dest} and {RESULTS / f'{args.out}.md'}")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,29 @@ def test_embedding_baselines_on_real_cells(muscat):
         assert t > 0
 
 
+def test_scanpy_knn_shortcut_takes_sparse_arrays():
+    """Above 4,096 cells SEACells' ``sc.pp.neighbors`` hands scanpy's KNN shortcut a scipy
+    ``csr_array`` (no ``getnnz``): after the shim it returns the same neighbours as for the
+    ``csr_matrix``; before it, the array raised AttributeError (kang8's SEACells crash)."""
+    import scipy.sparse as sp
+    from scanpy.neighbors import _common
+
+    from scproto_scale.evaluate.baselines import _scanpy_sparray_shim
+
+    rng = np.random.default_rng(0)
+    n, k = 40, 5
+    cols = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
+    dist = sp.csr_matrix((rng.random(n * k) + 0.1, cols.ravel(), np.arange(0, n * k + 1, k)),
+                         shape=(n, n))
+    expected = _common._ind_dist_shortcut(dist)
+    _scanpy_sparray_shim()
+    _scanpy_sparray_shim()  # idempotent: wraps once
+    got = _common._ind_dist_shortcut(sp.csr_array(dist))
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1])
+    assert not hasattr(_common._ind_dist_shortcut.__wrapped__, "takes_sparray")
+
+
 def test_scores_and_bad_input_warn_never_nan(muscat):
     """Singleton labels, a label missing from a batch and a single batch give warnings and
     every metric that can be computed, with no NaN in the result."""

@@ -170,6 +170,27 @@ def kmeans_metacells(pca: np.ndarray, n_metacells: int, seed: int) -> tuple[np.n
     return km.labels_.astype(np.int64), time.perf_counter() - t
 
 
+def _scanpy_sparray_shim() -> None:
+    """Let scanpy 1.11's KNN shortcut take scipy sparse *arrays* (SEACells' graph needs it).
+
+    Above 4,096 cells ``sc.pp.neighbors`` (called inside SEACells) gets a ``csr_array`` from
+    its KNN transformer and calls ``getnnz(axis=1)``, which scipy ≥ 1.15 arrays no longer
+    have: the shortcut is handed the same matrix as a ``csr_matrix``.
+    """
+    from scanpy.neighbors import _common
+
+    shortcut = _common._ind_dist_shortcut
+    if getattr(shortcut, "takes_sparray", False):
+        return
+
+    def takes_sparray(d, /):
+        return shortcut(sp.csr_matrix(d) if isinstance(d, sp.sparray) else d)
+
+    takes_sparray.takes_sparray = True
+    takes_sparray.__wrapped__ = shortcut
+    _common._ind_dist_shortcut = takes_sparray
+
+
 def seacells_metacells(counts: sp.spmatrix, pca: np.ndarray, n_metacells: int, seed: int,
                        max_iter: int = 30) -> tuple[np.ndarray, float]:
     """SEACells metacells (kernel archetypal analysis on the PCA's diffusion kernel).
@@ -181,6 +202,7 @@ def seacells_metacells(counts: sp.spmatrix, pca: np.ndarray, n_metacells: int, s
         BaselineUnavailable: SEACells is not installed or fails to import.
     """
     os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/numba_cache")
+    _scanpy_sparray_shim()
     try:
         with _quiet():
             import SEACells
