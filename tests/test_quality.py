@@ -225,3 +225,33 @@ def test_quality_tables_show_missing_values_with_their_reason(tmp_path):
     assert plot_f1_bars(data["toy"], "toy", tmp_path / "f1.png")
     assert (tmp_path / "f1.png").stat().st_size > 1000
     assert not plot_f1_bars({"pca": {"scib_total": mv(0.5)}}, "none", tmp_path / "none.png")
+
+
+def test_quality_targets_are_judged_on_the_means(tmp_path):
+    """Each target cell is ✓ / ✗ from the seed means, with the two numbers compared, and n/a
+    when a method or metric is missing (never a silent pass)."""
+    from scproto_scale.evaluate.quality_report import target_lines, write_quality_markdown
+
+    def mv(mean):
+        return {"mean": mean, "sd": 0.0, "n": 3}
+
+    data = {"toy": {
+        "scproto": {"scib_total": mv(0.70), "scgraph_corr_weighted": mv(0.90),
+                    "scib_batch": mv(0.66), "metacell_rare_type_coverage": mv(1.0),
+                    "metacell_purity": mv(0.80), "metacell_cross_study_fraction": mv(0.5)},
+        "scvi": {"scib_total": mv(0.60), "scgraph_corr_weighted": mv(0.95),
+                 "scib_batch": mv(0.60)},
+        "scpoli": {"scib_total": mv(0.65), "scgraph_corr_weighted": mv(0.85),
+                   "scib_batch": mv(0.67)},
+        "harmony": {"scib_batch": mv(0.70)},
+        "kmeans_metacells": {"metacell_purity": mv(0.82),
+                             "metacell_cross_study_fraction": mv(0.2)},
+        "_run": {},
+    }, "no_baselines": {"scproto": {"scib_total": mv(0.7)}, "_run": {}}}
+    rows = {line.split(" | ")[0].strip("| "): line for line in target_lines(data)
+            if line.startswith("| toy") or line.startswith("| no_baselines")}
+    assert rows["toy"] == ("| toy | ✓ 0.700 vs 0.650 | ✗ 0.900 vs 0.950 | ✗ 0.660 vs 0.700 "
+                           "| ✓ 1.00 | ✗ 0.800 vs 0.820 | ✓ 0.500 vs 0.200 |")
+    assert rows["no_baselines"].count("n/a") == 6
+    write_quality_markdown(data, tmp_path / "q.md")
+    assert "## Targets (issue 7)" in (tmp_path / "q.md").read_text()

@@ -70,7 +70,56 @@ def write_quality_markdown(data: dict, path: Path) -> None:
         if run.get("warnings"):
             lines += ["", "Notes:", ""] + [f"- {w}" for w in run["warnings"]]
         lines += ["", f"![UMAP](quality_umap_{name}.png) ![marker F1](quality_f1_{name}.png)", ""]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines[:4] + target_lines(data) + lines[4:]))
+
+
+def _mean(res: dict, method: str, metric: str) -> float | None:
+    v = res.get(method, {}).get(metric)
+    return None if v is None else v["mean"]
+
+
+def target_lines(data: dict) -> list[str]:
+    """Issue 7's targets per dataset, judged on the seed means (✓ met, ✗ missed, n/a).
+
+    scIB total and scGraph Corr-Weighted ≥ both scVI's and scPoli's; batch score within 0.02
+    of the best baseline (scVI, scPoli, Harmony); every type with ≥ 10 cells the majority of a
+    prototype in every seed (rare-type coverage 1); metacell purity ≥ the k-means metacells'
+    at equal count with a larger cross-study fraction.
+    """
+    def mark(ok: bool | None, text: str) -> str:
+        return "n/a" if ok is None else ("✓ " if ok else "✗ ") + text
+
+    def ge_both(res: dict, metric: str) -> str:
+        mine, others = _mean(res, "scproto", metric), [_mean(res, m, metric)
+                                                       for m in ("scvi", "scpoli")]
+        if mine is None or None in others:
+            return "n/a"
+        return mark(mine >= max(others), f"{mine:.3f} vs {max(others):.3f}")
+
+    lines = ["## Targets (issue 7), on the means over seeds", "",
+             "| dataset | scIB total ≥ scVI, scPoli | Corr-W ≥ scVI, scPoli | batch within "
+             "0.02 of best baseline | types ≥ 10 cells covered | purity ≥ k-means | "
+             "cross-study > k-means |", "|---|---|---|---|---|---|---|"]
+    for name, res in data.items():
+        batch = _mean(res, "scproto", "scib_batch")
+        best = [b for m in ("scvi", "scpoli", "harmony")
+                if (b := _mean(res, m, "scib_batch")) is not None]
+        cov = _mean(res, "scproto", "metacell_rare_type_coverage")
+        pur, km_pur = (_mean(res, m, "metacell_purity") for m in ("scproto", "kmeans_metacells"))
+        cross, km_cross = (_mean(res, m, "metacell_cross_study_fraction")
+                           for m in ("scproto", "kmeans_metacells"))
+        cells = [
+            ge_both(res, "scib_total"), ge_both(res, "scgraph_corr_weighted"),
+            "n/a" if batch is None or not best else
+            mark(batch >= max(best) - 0.02, f"{batch:.3f} vs {max(best):.3f}"),
+            "n/a" if cov is None else mark(cov >= 1.0, f"{cov:.2f}"),
+            "n/a" if pur is None or km_pur is None else
+            mark(pur >= km_pur, f"{pur:.3f} vs {km_pur:.3f}"),
+            "n/a" if cross is None or km_cross is None else
+            mark(cross > km_cross, f"{cross:.3f} vs {km_cross:.3f}"),
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot_f1_bars(res: dict, name: str, path: Path) -> bool:
