@@ -133,7 +133,7 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
     labels = emb.obs[ds.label_key].astype(str).to_numpy()
     studies = src.obs[ds.study_key].astype(str).to_numpy()[rows]
     pca = np.asarray(emb.obsm["X_pca_unintegrated"], dtype=np.float32)
-    epochs = vae_epochs or baselines.default_epochs(len(rows))
+    epochs = vae_epochs or baselines.default_epochs(cfg.train.epochs, cfg.train.n_views)
     info = {"n_cells": len(rows), "n_genes_model": len(genes), "vae_epochs": epochs,
             "scproto_epochs": cfg.train.epochs, "stages_s": st}
     notes += input_warnings(labels, batches, studies)
@@ -314,7 +314,7 @@ def main() -> None:
     ap.add_argument("--seacells-seeds", type=int, default=None,
                     help="SEACells on the first N seeds only (default: every seed)")
     ap.add_argument("--vae-epochs", type=int, default=None,
-                    help="scVI / scPoli epochs (default: baselines.default_epochs)")
+                    help="scVI / scPoli epochs (default: scProto's cell passes, baselines.default_epochs)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse finished scProto stages under runs/quality (times of the run "
                          "that did them)")
