@@ -60,8 +60,8 @@ def default_epochs(scproto_epochs: int, n_views: int, hi: int = 400) -> int:
     encoder and decoder (forward and backward), so ``scproto_epochs · n_views`` epochs give a
     VAE baseline as many cell passes (30 × 8 = 240 with the defaults), capped at scvi-tools' own
     maximum of 400. The earlier fixed budget of 250k cell passes gave 20 epochs at 12k cells,
-    a tenth of scProto's compute; on Kang scGen, 400 epochs instead of 100 raised scVI's scIB
-    batch score from 0.36 to 0.80 (README, "Baseline budget").
+    a tenth of scProto's compute; on Kang scGen (seed 0), 400 epochs instead of 100 raised
+    scVI's scIB batch score from 0.40 to 0.80 (README, "Baseline budget").
     """
     return int(min(hi, scproto_epochs * n_views))
 
