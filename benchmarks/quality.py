@@ -277,8 +277,9 @@ def run_dataset(name: str, seeds: int, overrides: list[str], *, seacells_seeds: 
     per_seed, infos = [], []
     for seed in range(seeds):
         use_seacells = seacells_seeds is None or seed < seacells_seeds
-        if not use_seacells and 0 < seacells_seeds == seed:
-            notes.append(f"SEACells on the first {seacells_seeds} seed(s) only (run time)")
+        if not use_seacells and seacells_seeds == seed:
+            notes.append(f"SEACells on the first {seacells_seeds} seed(s) only (run time: its "
+                         "CPU fit is O(n²) per iteration)")
         scores, info = run_seed(name, ds, seed, overrides, use_seacells, notes,
                                 figure=figures and seed == 0, resume=resume,
                                 vae_epochs=vae_epochs, tag=tag, baselines_on=baselines_on)

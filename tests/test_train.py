@@ -1,5 +1,7 @@
 """Training: loss goes down, checkpoints every epoch, resume gives the same parameters."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from scproto_scale.data.store import open_store
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.prepare.run import prepare
 from scproto_scale.train.checkpoint import latest_checkpoint
-from scproto_scale.train.loop import build_loader, train
+from scproto_scale.train.loop import build_loader, default_threads, train
 
 MODEL = ModelConfig(n_prototypes=20, latent_dim=8)
 TRAIN = TrainConfig(epochs=3, batch_size=256, min_cells_per_study=64, progress=False,
@@ -114,3 +116,15 @@ def test_loader_builds_views_from_the_knn_table(prepared, weighting):
         libs = batch.library[1:, b].numpy()
         assert set(np.round(libs)).issubset(set(np.round(lib[knn[b]])))
     assert torch.equal(batch.group, torch.from_numpy(draw.groups))
+
+
+def test_default_threads_respects_omp_num_threads(monkeypatch):
+    """A user who caps OpenMP threads shares the cores: training must not take them all."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cpus = len(os.sched_getaffinity(0))
+    assert default_threads() == cpus
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cpus))
+    assert default_threads() == 1

@@ -122,9 +122,19 @@ def _model_signature(model_cfg: ModelConfig, prepared: Prepared) -> dict:
     return {"model": model_cfg.model_dump(), "genes": prepared.genes, "studies": prepared.studies}
 
 
-def _default_threads() -> int:
-    """All cores, shared among the workers of this node (torchrun sets LOCAL_WORLD_SIZE)."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+def default_threads() -> int:
+    """Torch threads of one worker: ``OMP_NUM_THREADS`` when set, else the CPUs this process
+    may run on shared among the workers of this node (torchrun sets ``LOCAL_WORLD_SIZE``).
+
+    ``OMP_NUM_THREADS`` wins because a user who sets it shares the cores with other jobs: two
+    processes whose OpenMP pools each span every core spin-wait on each other (measured on the
+    2-core box: Kang 8 donors trained 6 × slower beside a second job).
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def _default_device() -> torch.device:
@@ -210,7 +220,7 @@ def train(
     rank, world = dist.rank(), dist.world_size()
     # Always set: results depend on the thread count, and other libraries change it behind our
     # back (numba's OpenMP layer, used by UMAP in evaluation, resets the shared OpenMP pool).
-    torch.set_num_threads(train_cfg.num_threads or _default_threads())
+    torch.set_num_threads(train_cfg.num_threads or default_threads())
     device = device or _default_device()
     if train_cfg.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
