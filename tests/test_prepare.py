@@ -315,3 +315,39 @@ def test_knn_with_duplicate_points_has_no_self():
 def test_knn_too_few_points():
     with pytest.raises(ValueError, match="needs more than 10 cells"):
         knn(np.zeros((10, 3), dtype=np.float32), k=10)
+
+
+def test_knn_per_study_takes_each_studys_nearest_cells():
+    """Study-balanced KNN = brute force within each study, ranks interleaved, self excluded."""
+    from scproto_scale.prepare.knn import knn_per_study
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(90, 5)).astype(np.float32)
+    groups = np.repeat([0, 1, 2], [40, 30, 20])
+    X[groups == 2] += 3.0  # a shifted study: a plain KNN would rarely reach it
+    idx, dist = knn_per_study(X, groups, k=7, method="flat")
+    assert idx.shape == (90, 7) and idx.dtype == np.int32
+    d2 = ((X[:, None] - X[None]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    for i in range(90):
+        assert i not in idx[i]
+        assert np.all(np.diff(dist[i]) >= -1e-6)  # nearest first
+        counts = np.bincount(groups[idx[i]], minlength=3)
+        assert counts.min() >= 2 and counts.max() <= 3  # ⌊7/3⌋ or ⌈7/3⌉ per study
+        for s in range(3):
+            mine = idx[i][groups[idx[i]] == s]
+            members = np.flatnonzero(groups == s)
+            nearest = members[np.argsort(d2[i, members])[: len(mine)]]
+            assert set(mine) == set(nearest)
+        np.testing.assert_allclose(dist[i], np.sqrt(d2[i, idx[i]]), rtol=1e-4, atol=1e-4)
+
+
+def test_knn_per_study_names_a_study_too_small():
+    from scproto_scale.prepare.knn import knn_per_study
+
+    X = np.random.default_rng(0).normal(size=(42, 3)).astype(np.float32)
+    groups = np.r_[np.zeros(40, int), np.ones(2, int)]
+    with pytest.raises(ValueError, match="study code 1 has 2 cells"):
+        knn_per_study(X, groups, k=8, method="flat")
+    with pytest.raises(ValueError, match="k ≥ the number of studies"):
+        knn_per_study(X, np.arange(42) % 3, k=2, method="flat")

@@ -175,3 +175,77 @@ def _drop_self(idx: np.ndarray, dist: np.ndarray, k: int, offset: int = 0,
     if (out_idx < 0).any():
         raise RuntimeError("FAISS returned fewer than k neighbours; raise nprobe")
     return out_idx, out_dist
+
+
+def knn_per_study(
+    X: np.ndarray, groups: np.ndarray, k: int = 50, out_dir: str | Path | None = None,
+    batch: int = 65_536, **index_kw,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Study-balanced KNN: about ``k / S`` nearest cells from each of the ``S`` studies.
+
+    BBKNN's neighbourhood (Polański et al., Bioinformatics 2020): every cell's row draws
+    ``⌈k/S⌉`` neighbours from each study's own index, so the training views of an anchor cross
+    studies and the swapped prediction pulls matching cells of different studies onto the same
+    prototype. Ranks are interleaved across studies before the row is cut to ``k``, so each
+    study gives ``⌊k/S⌋`` or ``⌈k/S⌉`` neighbours; the kept row is sorted nearest first.
+
+    Args:
+        X: ``(n, d)`` float32 (e.g. 50 PCs).
+        groups: ``(n,)`` int study code of each row.
+        k: neighbours per cell, excluding the cell itself.
+        out_dir: write ``knn_indices.npy`` / ``knn_distances.npy`` there as memory maps.
+        batch: queries per FAISS search call.
+        **index_kw: passed to :func:`build_index` (``method``, ``exact_max_cells``, …), one
+            index per study.
+
+    Returns:
+        ``indices (n, k) int32`` and ``distances (n, k) float32`` (Euclidean), as :func:`knn`.
+
+    Raises:
+        ValueError: ``k`` below the number of studies, or a study with too few cells to give
+            its share (the message names the study code and its size).
+    """
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    groups = np.asarray(groups)
+    n = len(X)
+    studies = np.unique(groups)
+    S = len(studies)
+    if k < S:
+        raise ValueError(f"study-balanced KNN needs k ≥ the number of studies ({S}), got k={k}")
+    share = math.ceil(k / S)
+    members = [np.flatnonzero(groups == s) for s in studies]
+    for s, m in zip(studies, members, strict=True):
+        if len(m) < share + 1:
+            raise ValueError(f"study-balanced KNN: study code {s} has {len(m)} cells, fewer "
+                             f"than ⌈k/S⌉ + 1 = {share + 1}; lower n_neighbors or merge studies")
+    indexes = [build_index(X[m], **index_kw)[0] for m in members]
+    if out_dir is None:
+        idx_out = np.empty((n, k), dtype=np.int32)
+        dist_out = np.empty((n, k), dtype=np.float32)
+    else:
+        out_dir = Path(out_dir)
+        idx_out = np.lib.format.open_memmap(out_dir / "knn_indices.npy", "w+", np.int32, (n, k))
+        dist_out = np.lib.format.open_memmap(out_dir / "knn_distances.npy", "w+", np.float32,
+                                             (n, k))
+    for a in range(0, n, batch):
+        b = min(n, a + batch)
+        rows = np.arange(a, b)
+        # (rows, share, S): rank r of study j at [:, r, j], so a C-order reshape interleaves
+        cand_idx = np.empty((b - a, share, S), dtype=np.int64)
+        cand_dist = np.empty((b - a, share, S), dtype=np.float32)
+        for j, (m, index) in enumerate(zip(members, indexes, strict=True)):
+            dist, pos = index.search(X[a:b], share + 1)
+            found = np.where(pos >= 0, m[np.maximum(pos, 0)], -1)
+            # a cell's own study returns the cell itself; the others' extra column goes
+            own, dist = _drop_self(found, dist, share, self_rows=rows)
+            cand_idx[:, :, j], cand_dist[:, :, j] = own, dist
+        cand_idx = cand_idx.reshape(b - a, share * S)[:, :k]
+        cand_dist = cand_dist.reshape(b - a, share * S)[:, :k]
+        order = np.argsort(cand_dist, axis=1, kind="stable")
+        idx_out[a:b] = np.take_along_axis(cand_idx, order, axis=1)
+        dist_out[a:b] = np.take_along_axis(cand_dist, order, axis=1)
+    if out_dir is not None:
+        idx_out.flush()
+        dist_out.flush()
+    log.info("knn: study-balanced, %d studies × %d, n=%d, k=%d", S, share, n, k)
+    return idx_out, dist_out

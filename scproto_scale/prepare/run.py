@@ -39,7 +39,7 @@ from scproto_scale.prepare.cache import (
     write_training_cache,
 )
 from scproto_scale.prepare.hvg import highly_variable_genes_seurat_v3
-from scproto_scale.prepare.knn import knn, resolve_method
+from scproto_scale.prepare.knn import knn, knn_per_study, resolve_method
 from scproto_scale.prepare.normalize import log_normalize
 from scproto_scale.prepare.pca import fit_pca
 from scproto_scale.provenance import versions
@@ -210,11 +210,17 @@ def prepare(
         scores.flush()
         lap("pca_project_s")
         (tmp / "knn").mkdir()
-        nn_pos, nn_dist = knn(scores, k=cfg.n_neighbors, exact_max_cells=cfg.exact_knn_max_cells,
-                              nprobe=cfg.ivf_nprobe, seed=seed, method=cfg.knn_method,
-                              hnsw_m=cfg.hnsw_m, ef_search=cfg.hnsw_ef_search,
-                              ef_construction=cfg.hnsw_ef_construction,
-                              out_dir=tmp / "knn")
+        index_kw = {"exact_max_cells": cfg.exact_knn_max_cells, "nprobe": cfg.ivf_nprobe,
+                    "seed": seed, "method": cfg.knn_method, "hnsw_m": cfg.hnsw_m,
+                    "ef_search": cfg.hnsw_ef_search, "ef_construction": cfg.hnsw_ef_construction}
+        if cfg.knn_scope == "per_study":
+            try:
+                nn_pos, nn_dist = knn_per_study(scores, kept_codes, k=cfg.n_neighbors,
+                                                out_dir=tmp / "knn", **index_kw)
+            except ValueError as e:
+                raise ScprotoInputError(f"{store.path}: obs[{batch_key!r}]: {e}") from None
+        else:
+            nn_pos, nn_dist = knn(scores, k=cfg.n_neighbors, out_dir=tmp / "knn", **index_kw)
         nn_rows = np.lib.format.open_memmap(tmp / "knn_indices.npy", "w+", np.int32,
                                             nn_pos.shape)
         for a in range(0, n, 65_536):
