@@ -77,6 +77,16 @@ def build_index(X: np.ndarray, method: str = "auto", exact_max_cells: int = 200_
     return index, kind
 
 
+def _knn_outputs(n: int, k: int, out_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(n, k)`` int32 index and float32 distance tables: in memory, or ``.npy`` memory
+    maps in ``out_dir`` (filled batch by batch, flushed by the caller)."""
+    if out_dir is None:
+        return np.empty((n, k), dtype=np.int32), np.empty((n, k), dtype=np.float32)
+    out_dir = Path(out_dir)
+    return (np.lib.format.open_memmap(out_dir / "knn_indices.npy", "w+", np.int32, (n, k)),
+            np.lib.format.open_memmap(out_dir / "knn_distances.npy", "w+", np.float32, (n, k)))
+
+
 def knn(
     X: np.ndarray, k: int = 50, exact_max_cells: int = 200_000, nprobe: int = 128, seed: int = 0,
     method: str = "auto", out_dir: str | Path | None = None, batch: int = 65_536,
@@ -110,14 +120,7 @@ def knn(
         raise ValueError(f"KNN with k={k} needs more than {k} cells, got {n}")
     index, kind = build_index(X, method, exact_max_cells, nprobe, hnsw_m,
                               max(ef_search, k + 1), seed, ef_construction)
-    if out_dir is None:
-        idx_out = np.empty((n, k), dtype=np.int32)
-        dist_out = np.empty((n, k), dtype=np.float32)
-    else:
-        out_dir = Path(out_dir)
-        idx_out = np.lib.format.open_memmap(out_dir / "knn_indices.npy", "w+", np.int32, (n, k))
-        dist_out = np.lib.format.open_memmap(out_dir / "knn_distances.npy", "w+", np.float32,
-                                             (n, k))
+    idx_out, dist_out = _knn_outputs(n, k, out_dir)
     for a in range(0, n, batch):
         b = min(n, a + batch)
         dist, idx = index.search(X[a:b], k + 1)
@@ -219,14 +222,7 @@ def knn_per_study(
             raise ValueError(f"study-balanced KNN: study code {s} has {len(m)} cells, fewer "
                              f"than ⌈k/S⌉ + 1 = {share + 1}; lower n_neighbors or merge studies")
     indexes = [build_index(X[m], **index_kw)[0] for m in members]
-    if out_dir is None:
-        idx_out = np.empty((n, k), dtype=np.int32)
-        dist_out = np.empty((n, k), dtype=np.float32)
-    else:
-        out_dir = Path(out_dir)
-        idx_out = np.lib.format.open_memmap(out_dir / "knn_indices.npy", "w+", np.int32, (n, k))
-        dist_out = np.lib.format.open_memmap(out_dir / "knn_distances.npy", "w+", np.float32,
-                                             (n, k))
+    idx_out, dist_out = _knn_outputs(n, k, out_dir)
     for a in range(0, n, batch):
         b = min(n, a + batch)
         rows = np.arange(a, b)
