@@ -81,6 +81,8 @@ SCORED: dict[str, list[str]] = {
     "neighbours_distance": ["train.neighbor_weighting=distance"],
     # views from every donor: ⌈k/S⌉ nearest cells of each study (BBKNN's neighbourhood)
     "neighbours_per_study": ["prepare.knn_scope=per_study"],
+    # the two one-knob gains together
+    "soft_codes+per_study": ["model.hard_codes=false", "prepare.knn_scope=per_study"],
     "lambda_cvae_0.1": ["model.lambda_cvae=0.1"],
     "lambda_cvae_1": ["model.lambda_cvae=1.0"],
     "soft_codes": ["model.hard_codes=false"],
