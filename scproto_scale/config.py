@@ -120,8 +120,8 @@ class TrainConfig(_Strict):
     final_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine decay floor")
     freeze_prototypes_steps: int = Field(0, ge=0)
     num_threads: int | None = Field(
-        None, gt=0, description="torch threads (default: OMP_NUM_THREADS, else the node's cores / its workers)"
-    )
+        None, gt=0, description="torch threads (default: OMP_NUM_THREADS, else the node's "
+        "cores / its workers)")
     deterministic: bool = Field(
         True, description="deterministic torch kernels: bit-identical reruns and resumes on CPU"
     )

@@ -23,7 +23,7 @@ from scproto_scale.data.ingest import ingest
 from scproto_scale.data.store import open_store
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.prepare.artefacts import FORMAT_VERSION, Prepared
-from scproto_scale.prepare.knn import knn
+from scproto_scale.prepare.knn import knn, knn_per_study
 from scproto_scale.prepare.run import prepare
 from scproto_scale.simulate import simulate_atlas
 
@@ -319,8 +319,6 @@ def test_knn_too_few_points():
 
 def test_knn_per_study_takes_each_studys_nearest_cells():
     """Study-balanced KNN = brute force within each study, ranks interleaved, self excluded."""
-    from scproto_scale.prepare.knn import knn_per_study
-
     rng = np.random.default_rng(0)
     X = rng.normal(size=(90, 5)).astype(np.float32)
     groups = np.repeat([0, 1, 2], [40, 30, 20])
@@ -343,8 +341,6 @@ def test_knn_per_study_takes_each_studys_nearest_cells():
 
 
 def test_knn_per_study_names_a_study_too_small():
-    from scproto_scale.prepare.knn import knn_per_study
-
     X = np.random.default_rng(0).normal(size=(42, 3)).astype(np.float32)
     groups = np.r_[np.zeros(40, int), np.ones(2, int)]
     with pytest.raises(ValueError, match="study code 1 has 2 cells"):

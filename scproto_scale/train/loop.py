@@ -98,7 +98,7 @@ def build_loader(
                                      block_size=src.block_size)
     prefetch = cfg.prefetch
     if prefetch is None:  # on two cores a loader thread slows the torch step more than it saves
-        prefetch = 0 if (os.cpu_count() or 1) <= 2 else 2
+        prefetch = 0 if usable_cpus() <= 2 else 2
     snn = None
     if cfg.neighbor_weighting == "snn":  # an input artefact: computed once, beside the KNN table
         name = "cache_knn_snn.npy" if prepared.has_cache else "knn_snn.npy"
@@ -122,6 +122,13 @@ def _model_signature(model_cfg: ModelConfig, prepared: Prepared) -> dict:
     return {"model": model_cfg.model_dump(), "genes": prepared.genes, "studies": prepared.studies}
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; all cores where there is none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """Torch threads of one worker: ``OMP_NUM_THREADS`` when set, else the CPUs this process
     may run on shared among the workers of this node (torchrun sets ``LOCAL_WORLD_SIZE``).
@@ -133,8 +140,7 @@ def default_threads() -> int:
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def _default_device() -> torch.device:
