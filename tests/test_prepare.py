@@ -23,7 +23,7 @@ from scproto_scale.data.ingest import ingest
 from scproto_scale.data.store import open_store
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.prepare.artefacts import FORMAT_VERSION, Prepared
-from scproto_scale.prepare.knn import knn, knn_per_study
+from scproto_scale.prepare.knn import knn, knn_per_study, resolve_scope
 from scproto_scale.prepare.run import prepare
 from scproto_scale.simulate import simulate_atlas
 
@@ -136,28 +136,35 @@ def test_no_self_in_knn(prepared):
 
 
 def test_knn_is_exact(prepared):
-    """Per row, the neighbour set equals a brute-force exact KNN of the saved PCA (up to ties)."""
+    """Default scope on 3 studies is study-balanced; per row and study, the neighbours drawn
+    from that study are its exact nearest cells of the saved PCA (up to ties)."""
     p = prepared
+    assert p.meta["knn_scope"] == "per_study"  # auto: 3 studies, ⌈15/3⌉ = 5 from each
     X = np.asarray(p.pca, dtype=np.float64)
     cells = np.asarray(p.cells)
+    study = np.asarray(p.study_codes)[cells]
     nn = np.searchsorted(cells, np.asarray(p.knn_indices))  # store rows → positions in pca
     assert np.array_equal(cells[nn], p.knn_indices)
-    k = nn.shape[1]
     sq = (X * X).sum(axis=1)
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * X @ X.T, 0.0)
     np.fill_diagonal(d2, np.inf)
     d = np.sqrt(d2)
-    kth = np.sort(d, axis=1)[:, k - 1]
-    tol = 1e-4 * (1.0 + kth)
     got = np.take_along_axis(d, nn, axis=1)
-    # every returned neighbour is within the exact k-th distance …
-    assert (got <= (kth + tol)[:, None]).all()
-    # … and every point strictly closer than the k-th distance was returned
     for i in range(len(X)):
-        must = np.flatnonzero(d[i] < kth[i] - tol[i])
-        assert set(must.tolist()) <= set(nn[i].tolist()), i
+        for s in range(3):
+            mine = nn[i][study[nn[i]] == s]
+            assert len(mine) == 5, (i, s)
+            others = np.flatnonzero(study == s)
+            kth = np.sort(d[i, others])[len(mine) - 1]
+            tol = 1e-4 * (1.0 + kth)
+            # every neighbour from study s is within s's exact share-th distance …
+            assert (d[i, mine] <= kth + tol).all(), (i, s)
+            # … and every cell of s strictly closer than it was returned
+            must = others[d[i, others] < kth - tol]
+            assert set(must.tolist()) <= set(mine.tolist()), (i, s)
     # saved distances are Euclidean (not squared), nearest first
     np.testing.assert_allclose(p.knn_distances, got, rtol=1e-3, atol=1e-3)
+    assert (np.diff(np.asarray(p.knn_distances), axis=1) >= -1e-5).all()
     assert (np.diff(np.asarray(p.knn_distances), axis=1) >= -1e-4).all()
 
 
@@ -347,3 +354,19 @@ def test_knn_per_study_names_a_study_too_small():
         knn_per_study(X, groups, k=8, method="flat")
     with pytest.raises(ValueError, match="k ≥ the number of studies"):
         knn_per_study(X, np.arange(42) % 3, k=2, method="flat")
+
+
+def test_auto_knn_scope_is_study_balanced_only_where_it_describes_a_neighbourhood():
+    """auto → per_study for a few well-populated studies; all for one study, too many studies
+    or a study too small to give its share; an explicit scope is kept; a typo is named."""
+    eight = np.repeat(np.arange(8), 100)
+    assert resolve_scope("auto", eight, k=50)[0] == "per_study"  # Kang: 8 donors, 7 from each
+    assert resolve_scope("auto", np.zeros(100, int), k=50) == ("all", "one study")
+    many = np.repeat(np.arange(30), 100)  # 30 studies > 50 // 2
+    assert resolve_scope("auto", many, k=50)[0] == "all"
+    small = np.r_[np.zeros(100, int), np.ones(7, int)]  # 7 cells ≤ ⌈50/2⌉
+    scope, why = resolve_scope("auto", small, k=50)
+    assert scope == "all" and "7 cells" in why
+    assert resolve_scope("per_study", many, k=50)[0] == "per_study"
+    with pytest.raises(ValueError, match="unknown KNN scope 'studies'"):
+        resolve_scope("studies", eight, k=50)

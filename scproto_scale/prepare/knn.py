@@ -36,6 +36,38 @@ def resolve_method(method: str, n: int, exact_max_cells: int) -> str:
     return "flat" if n <= exact_max_cells else ("ivf" if _use_gpu() else "hnsw")
 
 
+def resolve_scope(scope: str, groups: np.ndarray, k: int, min_share: int = 2) -> tuple[str, str]:
+    """The KNN scope ``scope="auto"`` picks for these studies, and why (for the log and manifest).
+
+    ``auto`` is ``per_study`` (:func:`knn_per_study`) when there are at least two studies, each
+    can give ``min_share`` or more of the ``k`` neighbours (``S ≤ k // min_share``) and every
+    study has more than ``⌈k/S⌉`` cells; otherwise ``all``. Atlases with more studies than that
+    (e.g. the whole Census, hundreds of datasets) keep the plain KNN: one or zero neighbours per
+    study no longer describes a neighbourhood, and every query would search S indexes.
+
+    Args:
+        scope: ``"auto"``, ``"all"`` or ``"per_study"`` (the last two are returned unchanged).
+        groups: ``(n,)`` int study code of each row.
+        k: neighbours per cell.
+
+    Raises:
+        ValueError: an unknown scope.
+    """
+    if scope not in ("auto", "all", "per_study"):
+        raise ValueError(f"unknown KNN scope {scope!r}; use auto, all or per_study")
+    if scope != "auto":
+        return scope, "set in the config"
+    sizes = np.unique(np.asarray(groups), return_counts=True)[1]
+    S = len(sizes)
+    if S < 2:
+        return "all", "one study"
+    if S > k // min_share:
+        return "all", f"{S} studies > k // {min_share} = {k // min_share}"
+    if sizes.min() <= math.ceil(k / S):
+        return "all", f"a study has {sizes.min()} cells ≤ ⌈k/S⌉ = {math.ceil(k / S)}"
+    return "per_study", f"{S} studies, ⌈k/S⌉ = {math.ceil(k / S)} neighbours from each"
+
+
 def build_index(X: np.ndarray, method: str = "auto", exact_max_cells: int = 200_000,
                 nprobe: int = 128, hnsw_m: int = 32, ef_search: int = 256, seed: int = 0,
                 ef_construction: int = 128):

@@ -39,7 +39,7 @@ from scproto_scale.prepare.cache import (
     write_training_cache,
 )
 from scproto_scale.prepare.hvg import highly_variable_genes_seurat_v3
-from scproto_scale.prepare.knn import knn, knn_per_study, resolve_method
+from scproto_scale.prepare.knn import knn, knn_per_study, resolve_method, resolve_scope
 from scproto_scale.prepare.normalize import log_normalize
 from scproto_scale.prepare.pca import fit_pca
 from scproto_scale.provenance import versions
@@ -213,7 +213,9 @@ def prepare(
         index_kw = {"exact_max_cells": cfg.exact_knn_max_cells, "nprobe": cfg.ivf_nprobe,
                     "seed": seed, "method": cfg.knn_method, "hnsw_m": cfg.hnsw_m,
                     "ef_search": cfg.hnsw_ef_search, "ef_construction": cfg.hnsw_ef_construction}
-        if cfg.knn_scope == "per_study":
+        scope, why = resolve_scope(cfg.knn_scope, kept_codes, cfg.n_neighbors)
+        log.info("prepare: KNN scope %s (%s)", scope, why)
+        if scope == "per_study":
             try:
                 nn_pos, nn_dist = knn_per_study(scores, kept_codes, k=cfg.n_neighbors,
                                                 out_dir=tmp / "knn", **index_kw)
@@ -268,6 +270,8 @@ def prepare(
             "median_library_size": float(np.median(lib[cells])),
             "training_cache": use_cache,
             "knn_index": resolve_method(cfg.knn_method, n, cfg.exact_knn_max_cells),
+            "knn_scope": scope,
+            "knn_scope_reason": why,
             "stage_seconds": timings,
             "config": cfg.model_dump(),
             "seed": seed,
