@@ -24,6 +24,7 @@ paper's Fig. 3) and ``quality_f1_<dataset>.png`` (marker classification, the pap
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -83,6 +84,15 @@ EMBEDDING_METHODS = ("scproto", "pca", "harmony", "scvi", "scpoli")
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "quality"
 
 
+def fingerprint(*parts) -> str:
+    """A short hash of arrays (their bytes) and JSON-able values: the key of a cache file."""
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p.tobytes() if isinstance(p, np.ndarray)
+                 else json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:10]
+
+
 def source_path(ds: Dataset) -> Path:
     if ds.source == "pbmc_multi":
         target = RUNS / "pbmc_multi.h5ad"
@@ -109,7 +119,7 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
     cfg = load_config(None, overrides, base=base)
     # A resumed run reuses finished stages: its times are those of the run that did them,
     # kept in scproto_stages.json (report.json is rewritten by every run).
-    measured = out / "scproto_stages.json"
+    measured = out / f"scproto_stages_{fingerprint(cfg.model_dump())}.json"
     earlier_st = json.loads(measured.read_text()) if resume and measured.exists() else None
     report = run(cfg, out, resume=resume)
     st = earlier_st or report["stages_s"]
@@ -137,6 +147,8 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
     info = {"n_cells": len(rows), "n_genes_model": len(genes), "vae_epochs": epochs,
             "scproto_epochs": cfg.train.epochs, "stages_s": st}
     notes += input_warnings(labels, batches, studies)
+    # caches are named by what made them: a changed scProto config or input never reuses them
+    run_key, data_key = fingerprint(cfg.model_dump()), fingerprint(rows, genes, seed)
 
     wall = {"scproto": st["prepare"] + st["train"] + st["export"], "pca": st["prepare"]}
     obsm = {"scproto": emb.obsm["X_scproto"], "pca": pca}
@@ -146,7 +158,7 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
         ("scpoli", lambda: baselines.scpoli_embedding(hvg, batches, seed, epochs)),
     )
     for method, fn in embedding_baselines if baselines_on else ():
-        cached = out / f"baseline_{method}_e{epochs}.npz"
+        cached = out / f"baseline_{method}_e{epochs}_{data_key}.npz"
         if resume and cached.exists():  # an interrupted benchmark: reuse embedding and time
             z = np.load(cached)
             Z, t = z["Z"], float(z["seconds"])
@@ -165,7 +177,7 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
                        obsm={keys[m]: np.ascontiguousarray(z, dtype=np.float32)
                              for m, z in obsm.items()})
     t = time.perf_counter()
-    cached = out / f"scores_{'_'.join(obsm)}_e{epochs}.json"
+    cached = out / f"scores_{'_'.join(obsm)}_e{epochs}_{run_key}.json"
     if resume and cached.exists():
         scores, score_notes, info["scoring_s"] = json.loads(cached.read_text())
     else:
@@ -182,7 +194,7 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
     assignments = {"scproto": proto}
     km, wall["kmeans_metacells"] = baselines.kmeans_metacells(pca, n_used, seed)
     assignments["kmeans_metacells"] = km
-    cached = out / f"seacells_{n_used}.npz"
+    cached = out / f"seacells_{n_used}_{data_key}.npz"
     if use_seacells and baselines_on and resume and cached.exists():
         z = np.load(cached)
         assignments["seacells"], wall["seacells"] = z["labels"], float(z["seconds"])

@@ -68,12 +68,25 @@ def test_mid_epoch_resume_is_bit_identical(prepared, tmp_path):
     assert resumed.history[-1]["prototypes_used"] == full.history[-1]["prototypes_used"]
 
 
-def test_resume_refuses_another_model(prepared, tmp_path):
+def test_resume_with_other_settings_starts_afresh_and_keeps_the_old_checkpoints(
+        prepared, tmp_path):
+    """Like prepare: a checkpoint of another model or prepare config is never continued; it
+    is set aside (warning) and the run equals a fresh one. An explicit checkpoint refuses."""
     store, prep = prepared
-    train(store, prep, MODEL, TRAIN.model_copy(update={"epochs": 1}), tmp_path, seed=0)
+    one = TRAIN.model_copy(update={"epochs": 1})
+    train(store, prep, MODEL, one, tmp_path / "run", seed=0)
+    old = latest_checkpoint(tmp_path / "run")
     other = MODEL.model_copy(update={"n_prototypes": 30})
+    with pytest.warns(UserWarning, match="trained with other settings"):
+        res = train(store, prep, other, one, tmp_path / "run", seed=0, resume=True)
+    fresh = train(store, prep, other, one, tmp_path / "fresh", seed=0)
+    for k, v in _params(fresh.model).items():
+        assert torch.equal(v, res.model.state_dict()[k]), k
+    assert (tmp_path / "run" / "stale" / old.name).exists()
+    assert latest_checkpoint(tmp_path / "run").name == "epoch_0000.pt"
     with pytest.raises(ScprotoInputError, match="cannot resume"):
-        train(store, prep, other, TRAIN, tmp_path, seed=0, resume=True)
+        train(store, prep, MODEL, TRAIN, tmp_path / "x", seed=0,
+              resume_from=latest_checkpoint(tmp_path / "run"))
 
 
 def test_training_lowers_the_loss_and_uses_many_prototypes(prepared, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,6 +49,18 @@ def latest_checkpoint(directory: Path) -> Path | None:
         return None
     found = sorted((pos, p) for p in directory.iterdir() if (pos := _position(p)) is not None)
     return found[-1][1] if found else None
+
+
+def set_aside_checkpoints(directory: Path) -> Path:
+    """Move every checkpoint of ``directory`` into ``directory/stale`` (replacing an older set)
+    so a fresh run neither resumes from nor is pruned in favour of them; returns that folder."""
+    stale = directory / "stale"
+    shutil.rmtree(stale, ignore_errors=True)
+    stale.mkdir(parents=True)
+    for p in directory.iterdir():
+        if _position(p) is not None:
+            os.replace(p, stale / p.name)
+    return stale
 
 
 def load_checkpoint(path: Path) -> dict:

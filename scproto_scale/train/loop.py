@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,12 @@ from scproto_scale.model.scproto import ScProto
 from scproto_scale.model.swav import StudyQueue
 from scproto_scale.prepare.artefacts import Prepared
 from scproto_scale.prepare.snn import cached_snn_jaccard
-from scproto_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from scproto_scale.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside_checkpoints,
+)
 from scproto_scale.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
@@ -119,7 +125,10 @@ def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 
 
 def _model_signature(model_cfg: ModelConfig, prepared: Prepared) -> dict:
-    return {"model": model_cfg.model_dump(), "genes": prepared.genes, "studies": prepared.studies}
+    # the prepare settings too: a checkpoint trained on another KNN graph or cell set is stale
+    return {"model": model_cfg.model_dump(), "genes": prepared.genes, "studies": prepared.studies,
+            "prepare": {"config": prepared.meta.get("config"), "seed": prepared.meta.get("seed"),
+                        "n_cells": len(prepared.cells)}}
 
 
 def usable_cpus() -> int:
@@ -206,9 +215,12 @@ def train(
         checkpoint_dir: rank 0 writes a checkpoint per epoch (and every
             ``checkpoint_every_steps`` steps) here.
         seed: seeds prototypes, sampler, views, dropout and reparameterisation noise.
-        resume: continue from the latest checkpoint in ``checkpoint_dir``.
+        resume: continue from the latest checkpoint in ``checkpoint_dir``; one written with
+            another model config, gene or study list or prepare config is moved to
+            ``checkpoint_dir/stale`` with a warning and training starts afresh.
         console: rich console for the progress bar (rank 0 only).
-        resume_from: continue from this checkpoint file (Ray's restored checkpoint).
+        resume_from: continue from this checkpoint file (Ray's restored checkpoint); raises
+            :class:`ScprotoInputError` when it was written with other settings.
         on_checkpoint: called on every rank after each checkpoint (Ray reports through it).
         device: default ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
         fault: kill this worker once at a given step (tests of the restart path).
@@ -237,6 +249,10 @@ def train(
     loader, group_names = build_loader(store, prepared, train_cfg, seed, rank, world)
     signature = _model_signature(model_cfg, prepared)
     ckpt_path = resume_from or (latest_checkpoint(checkpoint_dir) if resume else None)
+    stale = resume_from is None and ckpt_path is not None and (
+        load_checkpoint(ckpt_path)["signature"] != signature)
+    if stale:  # like prepare: other settings → recompute, never continue someone else's run
+        ckpt_path = None
     dist.check_consistent({
         "checkpoint to resume from": ckpt_path.name if ckpt_path is not None else None,
         "model config": signature["model"], "train config": train_cfg.model_dump(),
@@ -244,6 +260,11 @@ def train(
         "prototype count": model_cfg.n_prototypes, "seed": seed,
         "steps per epoch": len(loader),
     })
+    if stale and rank == 0:
+        set_aside = set_aside_checkpoints(checkpoint_dir)
+        warnings.warn(f"checkpoints in {checkpoint_dir} were trained with other settings "
+                      f"(model, genes, studies or prepare); moved to {set_aside}, training "
+                      "from scratch", UserWarning, stacklevel=2)
     torch.manual_seed(seed)
     model = ScProto(len(prepared.genes), len(prepared.studies), model_cfg, seed=seed).to(device)
     optimizer = build_optimizer(model, train_cfg)
