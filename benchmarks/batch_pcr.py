@@ -1,0 +1,89 @@
+"""What the scIB "PCR comparison" batch metric sees: raw principal-component regression per method.
+
+scIB's PCR comparison (Büttner et al., Nat. Methods 2019; scib-metrics ``pcr_comparison``) is
+``(R²_pre − R²_post) / R²_pre`` clipped at 0, with R² the variance-weighted fraction of each
+principal component explained by the batch (one-hot regression). Where the unintegrated data
+has almost no batch effect, R²_pre is small and the score is the ratio of two small numbers.
+This script reads the embeddings that ``quality.py`` cached under ``runs/quality/<set>/seed<s>``
+and prints, per dataset and method, the raw R² of batch and of cell type and the scIB batch score
+without its PCR term, so the README can say what limits the batch score.
+
+    python benchmarks/batch_pcr.py [--datasets kang8,pbmc_multi]
+
+writes ``benchmarks/results/batch_pcr.json``: ``{dataset: {method: {metric: {mean, sd}}}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+from scib_metrics.utils import principal_component_regression
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _companion_common import RESULTS, merge_json  # noqa: E402
+from quality import DATASETS, RUNS  # noqa: E402
+
+BATCH_TERMS = ("BRAS", "iLISI", "KBET", "Graph connectivity", "PCR comparison")
+
+
+def seed_rows(run: Path, ds) -> dict[str, dict[str, float]]:
+    """Raw PCR of batch and cell type for every embedding of one cached quality run."""
+    emb = ad.read_h5ad(run / "embeddings.h5ad")
+    batch = emb.obs[ds.batch_key].astype(str).to_numpy()
+    label = emb.obs[ds.label_key].astype(str).to_numpy()
+    obsm = {"scproto": emb.obsm["X_scproto"], "pca": emb.obsm["X_pca_unintegrated"]}
+    for f in sorted(run.glob("baseline_*_e*_*.npz")):
+        obsm[f.name.split("_")[1]] = np.load(f)["Z"]
+    scores_files = sorted(run.glob("scores_*.json"), key=lambda p: p.stat().st_mtime)
+    scib = json.loads(scores_files[-1].read_text())[0] if scores_files else {}
+    out = {}
+    for method, Z in obsm.items():
+        Z = np.asarray(Z, dtype=np.float32)
+        row = {"pcr_batch_r2": float(principal_component_regression(Z, batch, categorical=True)),
+               "pcr_type_r2": float(principal_component_regression(Z, label, categorical=True))}
+        terms = [scib[method][t] for t in BATCH_TERMS if t in scib.get(method, {})]
+        if len(terms) == len(BATCH_TERMS):
+            row["scib_batch"] = float(np.mean(terms))
+            row["scib_batch_without_pcr"] = float(np.mean(terms[:-1]))
+            row["pcr_comparison"] = float(terms[-1])
+        out[method] = row
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    args = ap.parse_args()
+    for name in args.datasets.split(","):
+        runs = sorted((RUNS / name).glob("seed*"))
+        runs = [r for r in runs if (r / "embeddings.h5ad").exists()]
+        if not runs:
+            print(f"{name}: no cached quality run under {RUNS / name}; run quality.py first")
+            continue
+        per_seed = [seed_rows(r, DATASETS[name]) for r in runs]
+        result: dict = {"_run": {"seeds": [r.name for r in runs]}}
+        for method in per_seed[0]:
+            for metric in per_seed[0][method]:
+                vals = [s[method][metric] for s in per_seed if metric in s.get(method, {})]
+                result.setdefault(method, {})[metric] = {
+                    "mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1
+                    else 0.0}
+        merge_json(RESULTS / "batch_pcr.json", {name: result})
+        print(f"== {name} ({len(runs)} seeds)")
+        metrics = ["pcr_batch_r2", "pcr_type_r2", "pcr_comparison", "scib_batch",
+                   "scib_batch_without_pcr"]
+        print(f"{'method':10s} " + " ".join(f"{m:>22s}" for m in metrics))
+        for method, row in result.items():
+            if method.startswith("_"):
+                continue
+            print(f"{method:10s} " + " ".join(
+                f"{row[m]['mean']:22.4f}" if m in row else f"{'-':>22s}" for m in metrics))
+
+
+if __name__ == "__main__":
+    main()
