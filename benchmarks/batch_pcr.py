@@ -25,8 +25,8 @@ import numpy as np
 from scib_metrics.utils import principal_component_regression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _companion_common import RESULTS, merge_json  # noqa: E402
-from quality import DATASETS, RUNS  # noqa: E402
+from _companion_common import RESULTS, merge_json
+from quality import DATASETS, RUNS
 
 BATCH_TERMS = ("BRAS", "iLISI", "KBET", "Graph connectivity", "PCR comparison")
 
