@@ -55,6 +55,7 @@ from sklearn.decomposition import PCA
 from scproto_scale.companion.inputs import CountInput, prepare_counts
 from scproto_scale.companion.scgpcl import fit_scgpcl
 from scproto_scale.config import ScGPCLConfig
+from scproto_scale.evaluate.baselines import scanpy_sparray_shim
 from scproto_scale.evaluate.clustering import clustering_scores
 
 DATASETS = {
@@ -75,6 +76,7 @@ METRICS = ("nmi", "ari", "acc", "macro_f1")
 
 def leiden_k(pcs: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Leiden clusters with the resolution bisected to give ``k`` clusters (closest count kept)."""
+    scanpy_sparray_shim()  # sc.pp.neighbors fails above 4,096 cells without it
     a = ad.AnnData(obsm={"X_pca": pcs}, obs={"i": np.arange(len(pcs))})
     sc.pp.neighbors(a, n_neighbors=15, use_rep="X_pca", random_state=seed)
     lo, hi, best = 0.01, 5.0, None

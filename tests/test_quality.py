@@ -121,7 +121,7 @@ def test_scanpy_knn_shortcut_takes_sparse_arrays():
     import scipy.sparse as sp
     from scanpy.neighbors import _common
 
-    from scproto_scale.evaluate.baselines import _scanpy_sparray_shim
+    from scproto_scale.evaluate.baselines import scanpy_sparray_shim
 
     rng = np.random.default_rng(0)
     n, k = 40, 5
@@ -129,8 +129,8 @@ def test_scanpy_knn_shortcut_takes_sparse_arrays():
     dist = sp.csr_matrix((rng.random(n * k) + 0.1, cols.ravel(), np.arange(0, n * k + 1, k)),
                          shape=(n, n))
     expected = _common._ind_dist_shortcut(dist)
-    _scanpy_sparray_shim()
-    _scanpy_sparray_shim()  # idempotent: wraps once
+    scanpy_sparray_shim()
+    scanpy_sparray_shim()  # idempotent: wraps once
     got = _common._ind_dist_shortcut(sp.csr_array(dist))
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_allclose(got[1], expected[1])

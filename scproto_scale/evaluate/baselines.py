@@ -172,12 +172,13 @@ def kmeans_metacells(pca: np.ndarray, n_metacells: int, seed: int) -> tuple[np.n
     return km.labels_.astype(np.int64), time.perf_counter() - t
 
 
-def _scanpy_sparray_shim() -> None:
-    """Let scanpy 1.11's KNN shortcut take scipy sparse *arrays* (SEACells' graph needs it).
+def scanpy_sparray_shim() -> None:
+    """Let scanpy 1.11's KNN shortcut take scipy sparse *arrays*; idempotent.
 
-    Above 4,096 cells ``sc.pp.neighbors`` (called inside SEACells) gets a ``csr_array`` from
-    its KNN transformer and calls ``getnnz(axis=1)``, which scipy ≥ 1.15 arrays no longer
-    have: the shortcut is handed the same matrix as a ``csr_matrix``.
+    Above 4,096 cells ``sc.pp.neighbors`` (inside SEACells, and the clustering benchmark's
+    Leiden) gets a ``csr_array`` from its KNN transformer and calls ``getnnz(axis=1)``, which
+    scipy ≥ 1.15 arrays no longer have (AttributeError): the shortcut is handed the same
+    matrix as a ``csr_matrix``.
     """
     from scanpy.neighbors import _common
 
@@ -204,7 +205,7 @@ def seacells_metacells(counts: sp.spmatrix, pca: np.ndarray, n_metacells: int, s
         BaselineUnavailable: SEACells is not installed or fails to import.
     """
     os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/numba_cache")
-    _scanpy_sparray_shim()
+    scanpy_sparray_shim()
     try:
         with _quiet():
             import SEACells
