@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--soft-codes", action="store_true")
     ap.add_argument("--lr", type=float, default=0.01,
                     help="peak learning rate (1e-2 collapses the μ direction here; see README)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (prototypes, sampler)")
     ap.add_argument("--root", type=Path, default=Path("runs/prototype_usage"))
     ap.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra ModelConfig field, e.g. lambda_prop=0 (repeatable)")
@@ -69,16 +70,19 @@ def main() -> None:
                                    "queue_length": queue_length, "queue_start_epoch": 1,
                                    "hard_codes": not args.soft_codes, **extra})
         tag = "_".join(f"{k}{v}" for k, v in {**extra, "lr": args.lr}.items())
-        ckpt = root / f"ck_q{queue_length}_{'soft' if args.soft_codes else 'hard'}{tag}"
+        ckpt = (root / f"ck_q{queue_length}_{'soft' if args.soft_codes else 'hard'}{tag}"
+                       f"_s{args.seed}")
         shutil.rmtree(ckpt, ignore_errors=True)
         t0 = time.perf_counter()
         res = run_worker(TrainJob(str(store.path), str(prep.path), model_cfg, train_cfg,
-                                  str(ckpt), seed=0))
+                                  str(ckpt), seed=args.seed))
         emb = PrototypeAtlas(res.model, prep.genes, prep.studies, {}).embed_store(store, "study")
         use = cell_prototype_usage(emb.prototype, emb.X_scproto, 4096)
         row = {"K": 4096, "cells_per_study_group": 256, "n_cells": args.n_cells,
                "epochs": args.epochs,
-               "queue_length": queue_length, "hard_codes": not args.soft_codes, "model": extra,
+               "queue_length": queue_length, "queue_recenter": model_cfg.queue_recenter,
+               "hard_codes": not args.soft_codes, "model": extra, "seed": args.seed,
+               "knn_scope": prep.meta.get("knn_scope"),
                "train_s": round(time.perf_counter() - t0, 1),
                "lr": args.lr,
                "mu_perplexity": use["perplexity"],

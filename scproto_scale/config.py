@@ -97,6 +97,11 @@ class ModelConfig(_Strict):
         0, ge=0, description="per-study queue of embeddings for Sinkhorn (0: off; K ≫ cells/group)"
     )
     queue_start_epoch: int = Field(1, ge=0, description="use the queue from this epoch on")
+    # Without it an early queue collapsed the embedding onto 3 of 4,096 prototypes; with it the
+    # queue matches no queue (README, "Known limitation: prototype usage").
+    queue_recenter: bool = Field(
+        True, description="shift each study's queued embeddings by the step's mean drift "
+        "(batch mean − queue mean) before Sinkhorn, so stale rows cannot bias the batch's codes")
     kl_weight: float = Field(0.5, ge=0, description="β of the CVAE KL term")
     kl_anneal_epochs: int = Field(0, ge=0, description="anneal β from 0 over these epochs")
 

@@ -58,6 +58,32 @@ def test_distributed_sinkhorn_equals_one_rank_on_the_concatenated_batch():
         assert torch.allclose(one.sum(1), torch.ones(len(one)), atol=1e-5)
 
 
+def _recentred_queue_rank(seed: int) -> dict:
+    from scproto_scale.model.swav import StudyQueue
+
+    zs, cur, protos = _recentre_case(seed)
+    r = dist.rank()
+    q = StudyQueue(n_groups=2, length=16, dim=4)
+    q.push(zs[r], torch.zeros(len(zs[r]), dtype=torch.long))
+    return q.scores(protos, [0, 1], cur[r], torch.zeros(len(cur[r]), dtype=torch.long))
+
+
+def _recentre_case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    zs = [torch.randn(n, 4, generator=g) for n in (5, 9)]  # each rank's queue
+    cur = [torch.randn(n, 4, generator=g) + 1.0 for n in (3, 7)]  # each rank's cells, drifted
+    return zs, cur, torch.randn(6, 4, generator=g)
+
+
+def test_recentred_queue_uses_the_drift_over_all_ranks():
+    zs, cur, protos = _recentre_case(1)
+    per_rank = run_ranks(_recentred_queue_rank, 2, 1)
+    drift = torch.cat(cur).mean(0) - torch.cat(zs).mean(0)
+    for r in range(2):
+        assert set(per_rank[r]) == {0}
+        torch.testing.assert_close(per_rank[r][0], (zs[r] + drift) @ protos.t())
+
+
 # ---- DDP training on spawned gloo ranks ------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scproto_scale.model.likelihoods import nb_log_prob, zinb_log_prob
 from scproto_scale.model.sinkhorn import hard_codes, sinkhorn
 from scproto_scale.model.swav import (
+    group_codes,
     per_study_swav_loss,
     propagation_dual_loss,
     propagation_loss,
@@ -202,6 +203,31 @@ def test_study_queue_is_a_per_study_fifo():
     scores = q.scores(torch.eye(2), [0, 1])
     assert set(scores) == {0, 1} and scores[0].shape == (3, 2) and scores[1].shape == (1, 2)
     assert set(q.scores(torch.eye(2), [1])) == {1}  # only the step's groups are scored
+
+
+def test_recentred_queue_removes_a_common_drift_of_the_embedding():
+    """A queue that is the current cells moved by δ scores as the current cells themselves."""
+    from scproto_scale.model.swav import StudyQueue
+
+    g = torch.Generator().manual_seed(3)
+    z = F.normalize(torch.randn(6, 4, generator=g), dim=1)
+    protos = F.normalize(torch.randn(5, 4, generator=g), dim=1)
+    delta = torch.tensor([0.4, -0.2, 0.1, 0.3])
+    q = StudyQueue(n_groups=3, length=6, dim=4)
+    q.push(z, torch.zeros(6, dtype=torch.long))
+    q.push(z[:2], torch.full((2,), 2, dtype=torch.long))
+    current = torch.cat([(z + delta)[torch.randperm(6, generator=g)], z[:1]])
+    groups = torch.tensor([0] * 6 + [1])
+    plain = q.scores(protos, [0, 1, 2])
+    moved = q.scores(protos, [0, 1, 2], current, groups)
+    torch.testing.assert_close(moved[0], (z + delta) @ protos.t())
+    torch.testing.assert_close(moved[2], plain[2])  # no current cells of group 2: unshifted
+    assert set(moved) == {0, 2}  # group 1 has no queued rows
+    # the stale queue biases the batch's codes; recentred, they are those of a fresh queue
+    batch = current[:6] @ protos.t()
+    fresh = group_codes(batch, (z + delta) @ protos.t(), epsilon=0.05)
+    torch.testing.assert_close(group_codes(batch, moved[0], epsilon=0.05), fresh)
+    assert (group_codes(batch, plain[0], epsilon=0.05) - fresh).abs().max() > 0.05
 
 
 def test_queue_rows_change_the_codes_but_only_batch_rows_are_used():

@@ -87,16 +87,22 @@ class ScProto(nn.Module):
 
         z_unit = F.normalize(z, dim=1)
         scores = self.prototypes.scores(z_unit)  # (V·B, K)
+        assign = z_unit.reshape(V, B, -1)[:2].reshape(2 * B, -1)  # the two assignment views
+        assign_groups = batch.group.repeat(2)
+        queue_scores = None
+        if queue is not None and use_queue:
+            queue_scores = (queue.scores(self.prototypes.weight, batch.group_ids, assign,
+                                         assign_groups)
+                            if cfg.queue_recenter
+                            else queue.scores(self.prototypes.weight, batch.group_ids))
         swav = per_study_swav_loss(
             scores.reshape(V, B, -1), batch.group, batch.group_ids,
-            queue_scores=(queue.scores(self.prototypes.weight, batch.group_ids)
-                          if queue is not None and use_queue else None),
+            queue_scores=queue_scores,
             temperature=cfg.temperature, epsilon=cfg.sinkhorn_epsilon,
             n_iters=cfg.sinkhorn_iterations, hard=cfg.hard_codes,
         )
         if queue is not None:
-            assign = z_unit.reshape(V, B, -1)[:2]  # the two assignment views
-            queue.push(assign.reshape(2 * B, -1), batch.group.repeat(2))
+            queue.push(assign, assign_groups)
         prop = propagation_loss(scores if cfg.prop_pulls == "both"
                                 else self.prototypes.scores(z_unit.detach()))
         total = swav + cfg.lambda_prop * prop + cfg.lambda_cvae * cvae

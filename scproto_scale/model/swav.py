@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scproto_scale.model.dist import all_reduce_sum
 from scproto_scale.model.sinkhorn import hard_codes, sinkhorn
 
 
@@ -138,10 +139,54 @@ class StudyQueue:
         self.z = torch.zeros(n_groups, length, dim)
         self.filled = torch.zeros(n_groups, dtype=torch.long)
 
-    def scores(self, prototypes: torch.Tensor, group_ids: list[int]) -> dict[int, torch.Tensor]:
-        """``{group: (filled, K)}`` cosine scores of the queued embeddings of the step's groups."""
-        return {g: self.z[g, :n].to(prototypes.device) @ prototypes.detach().t()
-                for g in group_ids if (n := int(self.filled[g])) > 0}
+    def scores(self, prototypes: torch.Tensor, group_ids: list[int],
+               current: torch.Tensor | None = None, current_groups: torch.Tensor | None = None,
+               ) -> dict[int, torch.Tensor]:
+        """``{group: (filled, K)}`` scores of the queued embeddings of the step's groups.
+
+        Args:
+            prototypes: ``(K, d)`` prototype bank.
+            group_ids: the step's study groups (the same list on every rank).
+            current, current_groups: ``(n, d)`` unit embeddings of this step's cells and their
+                ``(n,)`` groups. When given, each group's queued embeddings are translated by
+                the drift ``mean(current) − mean(queue)`` before scoring ("recentred queue";
+                the means are over all ranks, so DDP codes still equal one rank's). Why: the
+                queue is a few steps old; if the whole embedding moved meanwhile, the fresh
+                rows win every prototype on the side it moved to, their codes crowd onto those
+                prototypes, and the swapped loss moves them further the same way: a feedback
+                that collapsed the embedding's direction (README, "Queue"). Removing the mean
+                difference removes that bias; the scores are then inner products, not cosines.
+        """
+        drift = (self._drift(group_ids, current, current_groups)
+                 if current is not None else {})
+        out = {}
+        for g in group_ids:
+            if (n := int(self.filled[g])) == 0:
+                continue
+            zq = self.z[g, :n].to(prototypes.device)
+            if g in drift:
+                zq = zq + drift[g].to(zq)
+            out[g] = zq @ prototypes.detach().t()
+        return out
+
+    @torch.no_grad()
+    def _drift(self, group_ids: list[int], current: torch.Tensor,
+               current_groups: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per group, the ``(d,)`` mean of the current cells minus that of the queue (all ranks)."""
+        d = self.z.shape[-1]
+        stats = torch.zeros(len(group_ids), 2 * d + 2, dtype=torch.float64)
+        current, current_groups = current.detach().cpu().double(), current_groups.cpu()
+        for i, g in enumerate(group_ids):
+            n = int(self.filled[g])
+            stats[i, :d] = self.z[g, :n].double().sum(0)
+            stats[i, d] = n
+            mine = current[current_groups == g]
+            stats[i, d + 1: 2 * d + 1] = mine.sum(0)
+            stats[i, 2 * d + 1] = len(mine)
+        stats = all_reduce_sum(stats)  # one call for all groups: every rank makes it
+        return {g: (stats[i, d + 1: 2 * d + 1] / stats[i, 2 * d + 1]
+                    - stats[i, :d] / stats[i, d]).float()
+                for i, g in enumerate(group_ids) if stats[i, d] > 0 and stats[i, 2 * d + 1] > 0}
 
     @torch.no_grad()
     def push(self, z_unit: torch.Tensor, groups: torch.Tensor) -> None:
