@@ -1,6 +1,6 @@
 """Distributed training: scaling, Ray's overhead, distributed Sinkhorn, restarts, the queue.
 
-    python benchmarks/distributed.py [--quick]
+    python benchmarks/distributed.py [--quick] [--only PART ...]
 
 Writes ``benchmarks/results/distributed.json`` (``distributed_quick.json`` with ``--quick``):
 
@@ -15,6 +15,9 @@ Writes ``benchmarks/results/distributed.json`` (``distributed_quick.json`` with 
 - ``prototype_perplexity_with_queue`` / ``_without_queue``: K = 4,096 prototypes, ~256 cells
   per study group per step; the effective number of prototypes the cells are assigned to.
 - ``swav_head``: step time and peak memory of the SwAV head (forward + backward) versus K.
+
+``--only sinkhorn launchers resume queue swav_head`` reruns those parts and updates them in the
+existing JSON (each part records its own ``measured`` date; the rest keeps its old numbers).
 """
 
 from __future__ import annotations
@@ -322,11 +325,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+PARTS = ("sinkhorn", "launchers", "resume", "queue", "swav_head")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller runs (< 10 min here)")
     ap.add_argument("--swav-point", nargs=3, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--table", type=Path, help="print the README tables of a results JSON")
+    ap.add_argument("--only", nargs="+", choices=PARTS,
+                    help="rerun these parts and update them in the existing results JSON")
     args = ap.parse_args()
     if args.table:
         print(markdown(json.loads(args.table.read_text())))
@@ -338,40 +346,57 @@ def main() -> None:
     t_start = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="bench_distributed_"))
     quick = args.quick
+    dest = Path(__file__).parent / "results" / f"distributed{'_quick' if quick else ''}.json"
+    parts = set(args.only or PARTS)
+    result: dict = json.loads(dest.read_text()) if args.only and dest.exists() else {}
+    result.update({
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "gpu": torch.cuda.is_available(),
+                    "note": "shared 2-core development box; other jobs ran nice'd"},
+        "quick": quick, "versions": versions()})
+    today = time.strftime("%Y-%m-%d")
     try:
-        result: dict = {
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version(), "gpu": torch.cuda.is_available(),
-                        "note": "shared 2-core development box; other jobs ran nice'd"},
-            "quick": quick, "versions": versions()}
-        log("distributed Sinkhorn")
-        result["sinkhorn"] = bench_sinkhorn()
-        result["sinkhorn_max_abs_diff_w2_vs_w1"] = result["sinkhorn"]["max_abs_diff"]
-        log("launchers")
-        result["launchers"] = bench_launchers(root, 10_000 if quick else 30_000, 2 if quick else 4)
-        for k in ("scaling_ratio_2_vs_1", "ray_overhead_s", "ray_overhead_per_epoch_s"):
-            result[k] = result["launchers"][k]
-        log("restart after a killed worker")
-        result["resume"] = bench_resume(root)
-        result["resume_max_abs_param_diff"] = result["resume"]["max_abs_param_diff"]
-        log("queue at K = 4,096")
-        result["queue"] = bench_queue(root, 3 if quick else 6, 6_000 if quick else 20_000)
-        for name in ("with_queue", "without_queue"):
-            result[f"prototype_perplexity_{name}"] = \
-                result["queue"][name]["cells_nearest_prototype_perplexity"]
-        log("SwAV head vs K")
-        result["swav_head"] = bench_swav_head(
-            [300, 3000, 30_000] if quick else [300, 3000, 30_000, 65_536], 1 if quick else 3)
-        result["wall_s"] = round(time.perf_counter() - t_start, 1)
+        if "sinkhorn" in parts:
+            log("distributed Sinkhorn")
+            result["sinkhorn"] = {**bench_sinkhorn(), "measured": today}
+            result["sinkhorn_max_abs_diff_w2_vs_w1"] = result["sinkhorn"]["max_abs_diff"]
+        if "launchers" in parts:
+            log("launchers")
+            result["launchers"] = {**bench_launchers(root, 10_000 if quick else 30_000,
+                                                     2 if quick else 4), "measured": today}
+            for k in ("scaling_ratio_2_vs_1", "ray_overhead_s", "ray_overhead_per_epoch_s"):
+                result[k] = result["launchers"][k]
+        if "resume" in parts:
+            log("restart after a killed worker")
+            result["resume"] = {**bench_resume(root), "measured": today}
+            result["resume_max_abs_param_diff"] = result["resume"]["max_abs_param_diff"]
+        if "queue" in parts:
+            log("queue at K = 4,096")
+            result["queue"] = {**bench_queue(root, 3 if quick else 6, 6_000 if quick else 20_000),
+                               "measured": today}
+            for name in ("with_queue", "without_queue"):
+                result[f"prototype_perplexity_{name}"] = \
+                    result["queue"][name]["cells_nearest_prototype_perplexity"]
+        if "swav_head" in parts:
+            log("SwAV head vs K")
+            result["swav_head"] = bench_swav_head(
+                [300, 3000, 30_000] if quick else [300, 3000, 30_000, 65_536], 1 if quick else 3)
+        wall = round(time.perf_counter() - t_start, 1)
+        if args.only:
+            result.setdefault("partial_reruns", []).append(
+                {"parts": sorted(parts), "date": today, "wall_s": wall})
+        else:
+            result["wall_s"] = wall
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    dest = Path(__file__).parent / "results" / f"distributed{'_quick' if quick else ''}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(result, indent=1, default=float))
+    tmp = dest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=float))
+    tmp.replace(dest)
     keys = ["scaling_ratio_2_vs_1", "sinkhorn_max_abs_diff_w2_vs_w1", "resume_max_abs_param_diff",
             "prototype_perplexity_with_queue", "prototype_perplexity_without_queue",
             "ray_overhead_s", "ray_overhead_per_epoch_s", "wall_s"]
-    print(json.dumps({k: result[k] for k in keys}, indent=1))
+    print(json.dumps({k: result.get(k) for k in keys}, indent=1))
     print(markdown(result))
 
 
