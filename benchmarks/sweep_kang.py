@@ -84,8 +84,10 @@ SCORED: dict[str, list[str]] = {
     "neighbours_distance": [*_KNN_ALL, "train.neighbor_weighting=distance"],
     # views from every donor: ⌈k/S⌉ nearest cells of each study (BBKNN's neighbourhood)
     "neighbours_per_study": ["prepare.knn_scope=per_study"],
-    # the two one-knob gains together
+    # the two one-knob gains together; and latent 10 on today's defaults (both covered
+    # Megakaryocytes in the one-seed sweep)
     "soft_codes+per_study": ["model.hard_codes=false", "prepare.knn_scope=per_study"],
+    "latent_10+per_study": ["model.latent_dim=10", "prepare.knn_scope=per_study"],
     "lambda_cvae_0.1": [*_KNN_ALL, "model.lambda_cvae=0.1"],
     "lambda_cvae_1": [*_KNN_ALL, "model.lambda_cvae=1.0"],
     "soft_codes": [*_KNN_ALL, "model.hard_codes=false"],
