@@ -17,7 +17,8 @@ Writes ``benchmarks/results/distributed.json`` (``distributed_quick.json`` with 
 - ``swav_head``: step time and peak memory of the SwAV head (forward + backward) versus K.
 
 ``--only sinkhorn launchers resume queue swav_head`` reruns those parts and updates them in the
-existing JSON (each part records its own ``measured`` date; the rest keeps its old numbers).
+existing JSON (the rest keeps its old numbers; ``partial_reruns`` lists each rerun, and the
+sinkhorn, launchers, resume and queue parts record their ``measured`` date).
 """
 
 from __future__ import annotations

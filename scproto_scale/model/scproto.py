@@ -89,15 +89,11 @@ class ScProto(nn.Module):
         scores = self.prototypes.scores(z_unit)  # (V·B, K)
         assign = z_unit.reshape(V, B, -1)[:2].reshape(2 * B, -1)  # the two assignment views
         assign_groups = batch.group.repeat(2)
-        queue_scores = None
-        if queue is not None and use_queue:
-            queue_scores = (queue.scores(self.prototypes.weight, batch.group_ids, assign,
-                                         assign_groups)
-                            if cfg.queue_recenter
-                            else queue.scores(self.prototypes.weight, batch.group_ids))
         swav = per_study_swav_loss(
             scores.reshape(V, B, -1), batch.group, batch.group_ids,
-            queue_scores=queue_scores,
+            queue_scores=(queue.scores(self.prototypes.weight, batch.group_ids,
+                                       assign if cfg.queue_recenter else None, assign_groups)
+                          if queue is not None and use_queue else None),
             temperature=cfg.temperature, epsilon=cfg.sinkhorn_epsilon,
             n_iters=cfg.sinkhorn_iterations, hard=cfg.hard_codes,
         )

@@ -154,7 +154,7 @@ class StudyQueue:
                 queue is a few steps old; if the whole embedding moved meanwhile, the fresh
                 rows win every prototype on the side it moved to, their codes crowd onto those
                 prototypes, and the swapped loss moves them further the same way: a feedback
-                that collapsed the embedding's direction (README, "Queue"). Removing the mean
+                that collapsed the embedding's direction (README, "Known limitation: prototype usage"). Removing the mean
                 difference removes that bias; the scores are then inner products, not cosines.
         """
         drift = (self._drift(group_ids, current, current_groups)
@@ -173,12 +173,13 @@ class StudyQueue:
     def _drift(self, group_ids: list[int], current: torch.Tensor,
                current_groups: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per group, the ``(d,)`` mean of the current cells minus that of the queue (all ranks)."""
-        d = self.z.shape[-1]
-        stats = torch.zeros(len(group_ids), 2 * d + 2, dtype=torch.float64)
-        current, current_groups = current.detach().cpu().double(), current_groups.cpu()
+        d, dev = self.z.shape[-1], current.device
+        # on the cells' device: NCCL all-reduces CUDA tensors only
+        stats = torch.zeros(len(group_ids), 2 * d + 2, dtype=torch.float64, device=dev)
+        current, current_groups = current.detach().double(), current_groups.to(dev)
         for i, g in enumerate(group_ids):
             n = int(self.filled[g])
-            stats[i, :d] = self.z[g, :n].double().sum(0)
+            stats[i, :d] = self.z[g, :n].to(dev, torch.float64).sum(0)
             stats[i, d] = n
             mine = current[current_groups == g]
             stats[i, d + 1: 2 * d + 1] = mine.sum(0)
