@@ -93,6 +93,13 @@ SCORED: dict[str, list[str]] = {
     "soft_codes": [*_KNN_ALL, "model.hard_codes=false"],
     "latent_10": [*_KNN_ALL, "model.latent_dim=10"],
     "epochs_60": [*_KNN_ALL, "train.epochs=60"],
+    # the head's knobs and the KL weight, one each on today's defaults (study-balanced KNN)
+    "tau_0.1": ["model.temperature=0.1"],
+    "epsilon_0.05": ["model.sinkhorn_epsilon=0.05"],
+    "K_600": ["model.n_prototypes=600"],
+    "lambda_prop_0": ["model.lambda_prop=0"],
+    "lambda_cvae_0.001": ["model.lambda_cvae=0.001"],
+    "kl_1": ["model.kl_weight=1.0"],
 }
 
 
