@@ -100,6 +100,11 @@ SCORED: dict[str, list[str]] = {
     "lambda_prop_0": ["model.lambda_prop=0"],
     "lambda_cvae_0.001": ["model.lambda_cvae=0.001"],
     "kl_1": ["model.kl_weight=1.0"],
+    # the plain-KNN rows' likelihood and view-weighting knobs again, on today's defaults
+    "mse": ["model.likelihood=mse"],
+    "zinb": ["model.likelihood=zinb"],
+    "views_snn": ["train.neighbor_weighting=snn"],
+    "views_distance": ["train.neighbor_weighting=distance"],
 }
 
 
