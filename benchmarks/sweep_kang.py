@@ -105,6 +105,8 @@ SCORED: dict[str, list[str]] = {
     "zinb": ["model.likelihood=zinb"],
     "views_snn": ["train.neighbor_weighting=snn"],
     "views_distance": ["train.neighbor_weighting=distance"],
+    "cvae_0.1": ["model.lambda_cvae=0.1"],
+    "cvae_1": ["model.lambda_cvae=1.0"],
 }
 
 
