@@ -154,8 +154,9 @@ class StudyQueue:
                 queue is a few steps old; if the whole embedding moved meanwhile, the fresh
                 rows win every prototype on the side it moved to, their codes crowd onto those
                 prototypes, and the swapped loss moves them further the same way: a feedback
-                that collapsed the embedding's direction (README, "Known limitation: prototype usage"). Removing the mean
-                difference removes that bias; the scores are then inner products, not cosines.
+                that collapsed the embedding's direction (README, "Known limitation: prototype
+                usage"). Removing the mean difference removes that bias; the scores are then
+                inner products, not cosines.
         """
         drift = (self._drift(group_ids, current, current_groups)
                  if current is not None else {})
