@@ -1,4 +1,4 @@
-"""Prototype usage at K = 4,096 with 256 cells per study group, by training length and queue.
+"""Prototype usage with 256 cells per study group (K = 4,096 unless set), by training length and queue.
 
     python benchmarks/prototype_usage.py --epochs 6 --queue-lengths 0,4096 [--soft-codes] \
         [--model-set lambda_prop=0 ...]
@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import yaml
 
@@ -39,6 +40,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--n-cells", type=int, default=6000)
+    ap.add_argument("--n-types", type=int, default=9,
+                    help="simulated cell types incl. the rare one (more types: more states "
+                         "than cells of a type per step, the regime a queue is meant for)")
     ap.add_argument("--queue-lengths", default="0", help="comma-separated, per study")
     ap.add_argument("--soft-codes", action="store_true")
     ap.add_argument("--lr", type=float, default=0.01,
@@ -52,13 +56,17 @@ def main() -> None:
     torch.set_num_threads(1)
     root = args.root
     root.mkdir(parents=True, exist_ok=True)
-    store_path = root / f"sim{args.n_cells}.zarr"
+    # the 9-type set keeps its old file names (earlier rows of the JSON read them)
+    name = f"sim{args.n_cells}" + ("" if args.n_types == 9 else f"_t{args.n_types}")
+    store_path = root / f"{name}.zarr"
     if not store_path.exists():
-        h5ad = write_simulated_atlas(root / f"sim{args.n_cells}.h5ad", n_cells=args.n_cells,
-                                     n_genes=1000, n_studies=4, seed=2)
+        h5ad = write_simulated_atlas(root / f"{name}.h5ad", n_cells=args.n_cells,
+                                     n_genes=1000, n_studies=4, seed=2,
+                                     n_cell_types=args.n_types,
+                                     rare_fraction=min(0.006, 0.5 / args.n_types))
         ingest(h5ad, store_path)
     store = open_store(store_path)
-    prep_path = root / f"sim{args.n_cells}.prepared"
+    prep_path = root / f"{name}.prepared"
     prep = (Prepared.load(prep_path) if prep_path.exists() else
             prepare(store, prep_path, "study",
                     PrepareConfig(n_top_genes=500, n_pcs=30, n_neighbors=15)))
@@ -77,8 +85,12 @@ def main() -> None:
         res = run_worker(TrainJob(str(store.path), str(prep.path), model_cfg, train_cfg,
                                   str(ckpt), seed=args.seed))
         emb = PrototypeAtlas(res.model, prep.genes, prep.studies, {}).embed_store(store, "study")
-        use = cell_prototype_usage(emb.prototype, emb.X_scproto, 4096)
-        row = {"K": 4096, "cells_per_study_group": 256, "n_cells": args.n_cells,
+        use = cell_prototype_usage(emb.prototype, emb.X_scproto, model_cfg.n_prototypes)
+        # a type "has its own prototype" when it is the majority of some used prototype's cells
+        ct = pd.crosstab(emb.prototype, store.obs_column("cell_type").to_numpy())
+        types_owning = int(ct.idxmax(axis=1).nunique())
+        row = {"K": model_cfg.n_prototypes, "cells_per_study_group": 256, "n_cells": args.n_cells,
+               "n_cell_types": args.n_types,
                "epochs": args.epochs,
                "queue_length": queue_length, "queue_recenter": model_cfg.queue_recenter,
                "hard_codes": not args.soft_codes, "model": extra, "seed": args.seed,
@@ -88,6 +100,7 @@ def main() -> None:
                "mu_perplexity": use["perplexity"],
                "mu_resultant": use["mean_resultant"],
                "used": use["used"],
+               "types_with_own_prototype": types_owning,
                "train_perplexity": [h["prototype_perplexity"] for h in res.history],
                "machine": "2-core shared box, no GPU, 1 thread"}
         print(json.dumps(row), flush=True)

@@ -13,7 +13,8 @@ metacells as scProto uses prototypes), and everything is scored by
 F1), :func:`~scproto_scale.evaluate.metacells.partition_quality` and the Fig. 2 marker
 classification. Writes ``benchmarks/results/quality.json``::
 
-    {dataset: {method: {metric: {"mean": x, "sd": y}}, "_run": {seeds, epochs, warnings, …}}}
+    {dataset: {method: {metric: {"mean": x, "sd": y, "n": seeds, "values": [per seed]}},
+     "_run": {seeds, epochs, warnings, …}}}
 
 (sd over seeds, ddof 1; 0 with one seed), ``quality.md`` (one table per dataset),
 ``quality_umap_<dataset>.png`` (seed 0: scProto cells and prototypes by type and by study, the
@@ -262,7 +263,8 @@ def run_seed(name: str, ds: Dataset, seed: int, overrides: list[str], use_seacel
 
 
 def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict]]:
-    """``{method: {metric: {"mean", "sd", "n"}}}`` over the seeds where the metric exists."""
+    """``{method: {metric: {"mean", "sd", "n", "values"}}}`` over the seeds where the metric
+    exists (``values``: one per seed, in seed order, so a spread can be read back)."""
     out: dict[str, dict[str, dict]] = {}
     for method in dict.fromkeys(m for s in per_seed for m in s):
         metrics = dict.fromkeys(k for s in per_seed for k in s.get(method, {}))
@@ -271,7 +273,7 @@ def aggregate(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
             vals = [s[method][k] for s in per_seed if k in s.get(method, {})]
             out[method][k] = {"mean": float(np.mean(vals)),
                               "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                              "n": len(vals)}
+                              "n": len(vals), "values": [float(v) for v in vals]}
     return out
 
 

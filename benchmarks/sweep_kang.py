@@ -107,6 +107,9 @@ SCORED: dict[str, list[str]] = {
     "views_distance": ["train.neighbor_weighting=distance"],
     "cvae_0.1": ["model.lambda_cvae=0.1"],
     "cvae_1": ["model.lambda_cvae=1.0"],
+    # training length on today's defaults (the Kang config trains 30 epochs)
+    "train_15_epochs": ["train.epochs=15"],
+    "train_60_epochs": ["train.epochs=60"],
 }
 
 

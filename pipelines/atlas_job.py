@@ -34,6 +34,7 @@ from scproto_scale.prepare.artefacts import Prepared
 from scproto_scale.prepare.run import prepare
 from scproto_scale.provenance import versions
 from scproto_scale.train.launch import launch, resolve_launcher, torchrun_group
+from scproto_scale.train.loop import cell_prototype_usage, collapse_message
 from scproto_scale.train.worker import TrainJob
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,14 @@ def _run(cfg: RunConfig, out: Path, resume: bool, console: Console, launcher: st
     t = time.perf_counter()
     atlas, metacells, cells_ad = export_atlas(store, prepared, result.model, cfg, out)
     stage("export", t)
-    report: dict = {"dataset": str(resolve_input(cfg.data.path)), "n_cells": len(prepared.cells),
+    usage = cell_prototype_usage(cells_ad.obs["scproto_prototype"].to_numpy(),
+                                 cells_ad.obsm["X_scproto"], len(atlas.prototypes))
+    collapsed = collapse_message(usage, len(atlas.prototypes))
+    if collapsed:
+        warnings.warn(collapsed, stacklevel=2)
+        console.log(f"[bold red]{collapsed}")
+    report: dict = {"prototype_usage": usage, "warnings": [collapsed] if collapsed else [],
+                    "dataset": str(resolve_input(cfg.data.path)), "n_cells": len(prepared.cells),
                     "n_studies": len(prepared.studies), "n_genes": len(prepared.genes),
                     "dropped_zero_count_cells": prepared.meta["dropped_zero_count_cells"],
                     "seed": cfg.seed, "train_history": result.history,

@@ -259,3 +259,17 @@ def test_usage_diagnostics_perplexity_and_mean_resultant():
 
     use = cell_prototype_usage(np.array([0, 0, 3, 3]), same[:4].numpy(), n_prototypes=5)
     assert use == {"perplexity": 2.0, "used": 2, "mean_resultant": 1.0}
+
+
+def test_collapse_message_names_the_resultant_and_the_prototypes_used():
+    """A collapsed embedding (one shared direction) is flagged with its numbers; a spread one is not."""
+    from scproto_scale.train.loop import cell_prototype_usage, collapse_message
+
+    gen = torch.Generator().manual_seed(0)
+    shared = F.normalize(torch.ones(100, 8) + 0.01 * torch.randn(100, 8, generator=gen), dim=1)
+    collapsed = cell_prototype_usage(np.zeros(100, dtype=np.int64), shared.numpy(), 300)
+    msg = collapse_message(collapsed, 300)
+    assert msg is not None and "1.000" in msg and "1 of 300 prototypes" in msg
+    spread = F.normalize(torch.randn(100, 8, generator=gen), dim=1)
+    ok = cell_prototype_usage(np.arange(100) % 7, spread.numpy(), 300)
+    assert ok["mean_resultant"] < 0.5 and collapse_message(ok, 300) is None

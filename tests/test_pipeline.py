@@ -53,6 +53,13 @@ def test_report_has_the_required_fields(zarr_run):
     for key in ("n_prototypes", "purity", "rare_type_coverage"):
         assert key in on_disk["metacells"]
     assert on_disk["runtime_s"] > 0
+    # prototype usage of the exported cells, with the collapse check's verdict
+    cells = ad.read_h5ad(out / "embeddings.h5ad")
+    use = on_disk["prototype_usage"]
+    assert use["used"] == cells.obs["scproto_prototype"].astype(int).nunique()
+    assert 0 <= use["mean_resultant"] <= 1
+    assert isinstance(on_disk["warnings"], list)
+    assert (use["mean_resultant"] >= 0.98) == any("collapsed" in w for w in on_disk["warnings"])
     assert (out / "report.md").read_text().startswith("# scProto atlas report")
     assert (out / "umap.png").stat().st_size > 10_000
     assert on_disk["versions"]["torch"].startswith("2.13")

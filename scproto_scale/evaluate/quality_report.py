@@ -1,7 +1,7 @@
 """Tables and figures of the quality benchmark (``benchmarks/results/quality.json``).
 
-The JSON is ``{dataset: {method: {metric: {"mean", "sd", "n"}}, "_run": {...}}}``. Missing
-values are printed as "n/a" and every table is followed by the warnings that explain them.
+The JSON is ``{dataset: {method: {metric: {"mean", "sd", "n", "values"}}, "_run": {...}}}``.
+Missing values are printed as "n/a" and every table is followed by the warnings that explain them.
 """
 
 from __future__ import annotations

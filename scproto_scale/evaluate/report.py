@@ -29,6 +29,11 @@ def write_markdown(report: dict, path: Path) -> None:
     lines = [f"# scProto atlas report: {report.get('dataset', '')}", "",
              f"{report.get('n_cells', '?')} cells, {report.get('n_studies', '?')} studies, "
              f"seed {report.get('seed')}, runtime {report.get('runtime_s', 0):.0f} s.", ""]
+    lines += [f"**Warning:** {w}" for w in report.get("warnings", [])]
+    use = report.get("prototype_usage")
+    if use:
+        lines += [f"Prototypes used by the cells: {use['used']} (perplexity {use['perplexity']}); "
+                  f"mean resultant length of the unit embeddings {use['mean_resultant']}.", ""]
     if methods:
         metrics = HEADLINE + sorted({m for v in methods.values() for m in v} - set(HEADLINE))
         lines += ["| metric | " + " | ".join(methods) + " |",
