@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -70,6 +71,11 @@ def main() -> None:
     prep = (Prepared.load(prep_path) if prep_path.exists() else
             prepare(store, prep_path, "study",
                     PrepareConfig(n_top_genes=500, n_pcs=30, n_neighbors=15)))
+    # how often a cell's views (its KNN neighbours) share its type: swapped prediction pulls
+    # a cell toward its views, so a graph of mostly other-type neighbours pulls types together
+    labels = store.obs_column("cell_type").astype(str).to_numpy()  # by store row
+    cells, knn = np.asarray(prep.cells), np.asarray(prep.knn_indices)  # store rows, self excluded
+    view_same_type = round(float((labels[knn] == labels[cells][:, None]).mean()), 3)
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=1024, min_cells_per_study=256,
                             n_views=4, progress=False, lr=args.lr, num_threads=1)
     dest = Path(__file__).parent / "results" / "prototype_usage.json"
@@ -101,6 +107,7 @@ def main() -> None:
                "mu_resultant": use["mean_resultant"],
                "used": use["used"],
                "types_with_own_prototype": types_owning,
+               "view_same_type_fraction": view_same_type,
                "train_perplexity": [h["prototype_perplexity"] for h in res.history],
                "machine": "2-core shared box, no GPU, 1 thread"}
         print(json.dumps(row), flush=True)
