@@ -225,3 +225,12 @@ def test_types_only_in_small_batches_warn(small):
     with pytest.warns(UserWarning, match=r"occur in batches with >= 50 cells"):
         out = scgraph(small, ["emb"], "batch", "cell_type", min_batch_cells=50)
     assert all(np.isnan(v) for v in out["emb"].values())
+
+
+def test_per_type_columns_average_to_corr_weighted(small):
+    """The per-type terms are the ones Corr-Weighted averages, keyed by the type's name."""
+    out = scgraph(small, ["emb"], "batch", "cell_type", per_type=True)["emb"]
+    per_type = out["corr_weighted_per_type"]
+    assert set(per_type) == set(small.obs["cell_type"].astype(str))
+    assert np.nanmean(list(per_type.values())) == pytest.approx(out["corr_weighted"])
+    assert "corr_weighted_per_type" not in scgraph(small, ["emb"], "batch", "cell_type")["emb"]

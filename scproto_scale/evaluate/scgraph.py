@@ -81,7 +81,8 @@ def scgraph(
     min_batch_cells: int = 100,
     min_type_cells: int = 10,
     layer: str | None = None,
-) -> dict[str, dict[str, float]]:
+    per_type: bool = False,
+) -> dict[str, dict]:
     """scGraph scores of embeddings against a batch-wise PCA consensus (Wang et al. 2024).
 
     See the module docstring for the exact procedure.
@@ -102,6 +103,9 @@ def scgraph(
         min_batch_cells: batches with fewer cells are not used for the reference.
         min_type_cells: cell types with fewer cells (whole dataset) are ignored.
         layer: ``adata.layers`` key holding the counts instead of ``X``.
+        per_type: also return ``"corr_weighted_per_type"``: ``{cell type: its column's
+            weighted Pearson}`` (the terms Corr-Weighted averages; NaN for a type the
+            reference lacks), to see which types' neighbourhoods an embedding distorts.
 
     Returns:
         ``{key: {"rank": Rank-PCA, "corr": Corr-PCA, "corr_weighted": Corr-Weighted}}`` with
@@ -173,6 +177,10 @@ def scgraph(
     for key, emb in embeddings.items():
         dist = _embedding_distances(emb, codes, len(kept), trim)
         results[key] = _correlations(dist, reference)
+        if per_type:
+            columns = _corr_weighted_columns(dist, reference)
+            results[key]["corr_weighted_per_type"] = {
+                str(labels.categories[t]): float(v) for t, v in zip(kept, columns, strict=True)}
     return results
 
 
@@ -415,13 +423,19 @@ def _correlations(embedding: np.ndarray, reference: np.ndarray) -> dict[str, flo
         _rank_columns(embedding, valid), _rank_columns(reference, valid), ones
     )
     corr = _weighted_pearson_columns(embedding, reference, ones)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(valid & (reference != 0), 1.0 / reference, 0.0)
-    corr_weighted = _weighted_pearson_columns(embedding, reference, inv)
+    corr_weighted = _corr_weighted_columns(embedding, reference)
     return {
         name: _nanmean(values)
         for name, values in zip(SCORE_NAMES, (rank, corr, corr_weighted), strict=True)
     }
+
+
+def _corr_weighted_columns(embedding: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``(k,)`` per-column Pearson weighted by 1 / reference distance (0 at distance 0)."""
+    valid = ~np.isnan(embedding) & ~np.isnan(reference)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(valid & (reference != 0), 1.0 / reference, 0.0)
+    return _weighted_pearson_columns(embedding, reference, inv)
 
 
 def _nanmean(values: np.ndarray) -> float:
