@@ -32,7 +32,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _companion_common import RESULTS, merge_json
-from quality import DATASETS, RUNS
+from quality import DATASETS, cached_runs
 
 from scproto_scale.evaluate import baselines
 
@@ -66,16 +66,13 @@ def partition_purity(assign: np.ndarray, labels: np.ndarray) -> tuple[dict[str, 
 
 def dataset_rows(name: str) -> dict:
     """Every cached seed of one dataset → aggregated readings and summed confusions."""
-    ds = DATASETS[name]
-    runs = sorted((RUNS / name).glob("seed*/embeddings.h5ad"))
-    if not runs:
-        raise SystemExit(f"no cached runs under {RUNS / name}: run benchmarks/quality.py "
-                         f"--datasets {name} first")
+    runs = cached_runs(name)  # first: it names an unknown dataset
+    ds = DATASETS[name.split("~")[0]]
     per_method: dict[str, list[dict]] = {}
     confusions: dict[str, Counter] = {}
-    for path in runs:
-        seed = int(path.parent.name.removeprefix("seed"))
-        emb = ad.read_h5ad(path)
+    for run in runs:
+        seed = int(run.name.removeprefix("seed"))
+        emb = ad.read_h5ad(run / "embeddings.h5ad")
         labels = emb.obs[ds.label_key].astype(str).to_numpy()
         proto = emb.obs["scproto_prototype"].astype(int).to_numpy()
         pca = np.asarray(emb.obsm["X_pca_unintegrated"], dtype=np.float32)
@@ -105,8 +102,6 @@ def main() -> None:
     args = ap.parse_args()
     dest = RESULTS / "metacell_purity.json"
     for name in args.datasets.split(","):
-        if name not in DATASETS:
-            ap.error(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
         res = dataset_rows(name)
         merge_json(dest, {name: res})
         for method in ("scproto", "kmeans_metacells"):

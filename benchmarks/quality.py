@@ -94,6 +94,21 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:10]
 
 
+def cached_runs(name: str) -> list[Path]:
+    """The ``runs/quality/<name>/seed<s>`` directories a finished quality run left, by seed.
+
+    Raises:
+        SystemExit: an unknown dataset, or no cached run (the message names the command).
+    """
+    if name.split("~")[0] not in DATASETS:
+        raise SystemExit(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
+    runs = sorted(p.parent for p in (RUNS / name).glob("seed*/embeddings.h5ad"))
+    if not runs:
+        raise SystemExit(f"no cached runs under {RUNS / name}: run benchmarks/quality.py "
+                         f"--datasets {name} first")
+    return runs
+
+
 def source_path(ds: Dataset) -> Path:
     if ds.source == "pbmc_multi":
         target = RUNS / "pbmc_multi.h5ad"

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _companion_common import RESULTS, merge_json
-from quality import DATASETS, RUNS, source_path
+from quality import DATASETS, cached_runs, source_path
 
 from scproto_scale.evaluate.scgraph import scgraph
 
@@ -50,15 +50,9 @@ def main() -> None:
     args = ap.parse_args()
     dest = RESULTS / "scgraph_per_type.json"
     for name in args.datasets.split(","):
-        if name not in DATASETS:
-            ap.error(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
-        runs = sorted((RUNS / name).glob("seed*/embeddings.h5ad"))
-        if not runs:
-            raise SystemExit(f"no cached runs under {RUNS / name}: run benchmarks/quality.py "
-                             f"--datasets {name} first")
         out: dict[str, dict] = {}
-        for path in runs:
-            for method, s in seed_scores(path.parent, DATASETS[name]).items():
+        for run in cached_runs(name):
+            for method, s in seed_scores(run, DATASETS[name.split("~")[0]]).items():
                 m = out.setdefault(method, {"corr_weighted": [], "per_type": {}})
                 m["corr_weighted"].append(s["corr_weighted"])
                 for t, v in s["corr_weighted_per_type"].items():
