@@ -1,7 +1,7 @@
 """Prototype usage with 256 cells per study group (K = 4,096 unless set), by training length and queue.
 
     python benchmarks/prototype_usage.py --epochs 6 --queue-lengths 0,4096 [--soft-codes] \
-        [--model-set lambda_prop=0 ...]
+        [--n-cells 20000] [--n-types 65] [--model-set lambda_prop=0 ...]
 
 The setting of ``benchmarks/distributed.py``'s queue part (6,000 synthetic cells, 4 studies,
 1,024 anchors per step: 6 steps per epoch), trained longer or with other queue lengths. Prints
@@ -9,7 +9,10 @@ one JSON line per run and appends it to ``benchmarks/results/prototype_usage.jso
 ``mu_perplexity`` / ``used`` are over every cell's nearest prototype of its mean embedding
 (what the atlas reports), ``mu_resultant`` the mean resultant length of the unit mean
 embeddings (1: every cell points the same way, a collapsed embedding), ``train_perplexity``
-the per-epoch perplexity of the training assignments. One thread per run (runs are meant to go
+the per-epoch perplexity of the training assignments, ``types_with_own_prototype`` the cell
+types that are the majority of some used prototype's cells and ``view_same_type_fraction`` how
+often a cell's KNN neighbours (its views) share its type. ``--n-types`` simulates more types
+than the default 9 (more states than cells of a type per step). One thread per run (runs are meant to go
 side by side on this 2-core box).
 """
 
