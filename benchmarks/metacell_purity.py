@@ -10,6 +10,9 @@ on the PCA are closer to equal-sized; so this script reads the cached runs of
   metacell's majority type: each metacell weighs by its cells), ``purity_small`` /
   ``purity_large`` (metacells below / at or above the method's median size), ``size_cv`` (sd /
   mean of metacell sizes) and ``impure_fraction`` (metacells with purity < 0.8);
+- ``scproto_balanced``: scProto's used prototypes with cells assigned by the training's
+  Sinkhorn (ε 0.02, 3 iterations: equal mass per prototype) instead of the nearest prototype,
+  the size-balanced alternative, read on Kang 8 donors (the tuning set) before anything else;
 - ``confusions``: the label pairs (majority type → a minority type inside the metacell) that hold
   the most misplaced cells, summed over seeds.
 
@@ -29,12 +32,14 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _companion_common import RESULTS, merge_json
 from quality import DATASETS, cached_runs
 
 from scproto_scale.evaluate import baselines
+from scproto_scale.model.sinkhorn import sinkhorn
 
 
 def partition_purity(assign: np.ndarray, labels: np.ndarray) -> tuple[dict[str, float], Counter]:
@@ -78,7 +83,11 @@ def dataset_rows(name: str) -> dict:
         pca = np.asarray(emb.obsm["X_pca_unintegrated"], dtype=np.float32)
         # the harness's k-means metacells: same PCA, count and seed
         km, _ = baselines.kmeans_metacells(pca, len(np.unique(proto)), seed)
-        for method, assign in (("scproto", proto), ("kmeans_metacells", km)):
+        used = np.unique(proto)
+        scores = emb.obsm["X_scproto"] @ np.load(run / "atlas" / "prototypes.npy")[used].T
+        balanced = used[sinkhorn(torch.from_numpy(scores).double(), 0.02, 3).argmax(1).numpy()]
+        for method, assign in (("scproto", proto), ("scproto_balanced", balanced),
+                               ("kmeans_metacells", km)):
             row, conf = partition_purity(assign, labels)
             per_method.setdefault(method, []).append(row)
             confusions.setdefault(method, Counter()).update(conf)
@@ -104,7 +113,7 @@ def main() -> None:
     for name in args.datasets.split(","):
         res = dataset_rows(name)
         merge_json(dest, {name: res})
-        for method in ("scproto", "kmeans_metacells"):
+        for method in ("scproto", "scproto_balanced", "kmeans_metacells"):
             r = res[method]
             print(f"{name} {method}: " + ", ".join(
                 f"{k} {v['mean']:.3f}±{v['sd']:.3f}" for k, v in r.items()))
