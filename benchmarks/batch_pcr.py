@@ -37,7 +37,7 @@ from scib_metrics.utils import principal_component_regression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _companion_common import RESULTS, merge_json
-from quality import DATASETS, RUNS
+from quality import DATASETS, RUNS, aggregate
 
 BATCH_TERMS = ("BRAS", "iLISI", "KBET", "Graph connectivity", "PCR comparison")
 
@@ -100,13 +100,7 @@ def main() -> None:
             print(f"{name}: no cached quality run under {RUNS / name}; run quality.py first")
             continue
         per_seed = [seed_rows(r, DATASETS[name.split("~")[0]]) for r in runs]
-        result: dict = {"_run": {"seeds": [r.name for r in runs]}}
-        for method in per_seed[0]:
-            for metric in per_seed[0][method]:
-                vals = [s[method][metric] for s in per_seed if metric in s.get(method, {})]
-                result.setdefault(method, {})[metric] = {
-                    "mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1
-                    else 0.0}
+        result: dict = {"_run": {"seeds": [r.name for r in runs]}, **aggregate(per_seed)}
         merge_json(RESULTS / "batch_pcr.json", {name: result})
         print(f"== {name} ({len(runs)} seeds)")
         metrics = ["pcr_batch_r2", "pcr_batch_r2_type_means", "pcr_batch_r2_within_type",

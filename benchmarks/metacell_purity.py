@@ -18,7 +18,7 @@ on the PCA are closer to equal-sized; so this script reads the cached runs of
 
     python benchmarks/metacell_purity.py [--datasets kang_scgen,pbmc_multi]
 
-writes ``benchmarks/results/metacell_purity.json``: ``{dataset: {method: {metric: {mean, sd,
+writes ``benchmarks/results/metacell_purity.json``: ``{dataset: {method: {metric: {mean, sd, n,
 values}}, "confusions": {method: [[majority, minority, cells], ...]}}}``.
 """
 
@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _companion_common import RESULTS, merge_json
-from quality import DATASETS, cached_runs
+from quality import DATASETS, aggregate, cached_runs
 
 from scproto_scale.evaluate import baselines
 from scproto_scale.model.sinkhorn import sinkhorn
@@ -73,7 +73,7 @@ def dataset_rows(name: str) -> dict:
     """Every cached seed of one dataset → aggregated readings and summed confusions."""
     runs = cached_runs(name)  # first: it names an unknown dataset
     ds = DATASETS[name.split("~")[0]]
-    per_method: dict[str, list[dict]] = {}
+    per_seed: list[dict[str, dict[str, float]]] = []
     confusions: dict[str, Counter] = {}
     for run in runs:
         seed = int(run.name.removeprefix("seed"))
@@ -82,23 +82,16 @@ def dataset_rows(name: str) -> dict:
         proto = emb.obs["scproto_prototype"].astype(int).to_numpy()
         pca = np.asarray(emb.obsm["X_pca_unintegrated"], dtype=np.float32)
         # the harness's k-means metacells: same PCA, count and seed
-        km, _ = baselines.kmeans_metacells(pca, len(np.unique(proto)), seed)
         used = np.unique(proto)
+        km, _ = baselines.kmeans_metacells(pca, len(used), seed)
         scores = emb.obsm["X_scproto"] @ np.load(run / "atlas" / "prototypes.npy")[used].T
         balanced = used[sinkhorn(torch.from_numpy(scores).double(), 0.02, 3).argmax(1).numpy()]
+        per_seed.append({})
         for method, assign in (("scproto", proto), ("scproto_balanced", balanced),
                                ("kmeans_metacells", km)):
-            row, conf = partition_purity(assign, labels)
-            per_method.setdefault(method, []).append(row)
+            per_seed[-1][method], conf = partition_purity(assign, labels)
             confusions.setdefault(method, Counter()).update(conf)
-    out: dict = {}
-    for method, rows in per_method.items():
-        out[method] = {}
-        for k in rows[0]:
-            vals = [r[k] for r in rows]
-            out[method][k] = {"mean": float(np.mean(vals)),
-                              "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                              "values": vals}
+    out: dict = aggregate(per_seed)
     out["confusions"] = {m: [[a, b, n] for (a, b), n in c.most_common(5)]
                          for m, c in confusions.items()}
     out["seeds"] = len(runs)

@@ -1,4 +1,4 @@
-"""Prototype usage with 256 cells per study group (K = 4,096 unless set), by training length and queue.
+"""Prototype usage with 256 cells per study group (K = 4,096 unless set), by length and queue.
 
     python benchmarks/prototype_usage.py --epochs 6 --queue-lengths 0,4096 [--soft-codes] \
         [--n-cells 20000] [--n-types 65] [--model-set lambda_prop=0 ...]
@@ -12,8 +12,8 @@ embeddings (1: every cell points the same way, a collapsed embedding), ``train_p
 the per-epoch perplexity of the training assignments, ``types_with_own_prototype`` the cell
 types that are the majority of some used prototype's cells and ``view_same_type_fraction`` how
 often a cell's KNN neighbours (its views) share its type. ``--n-types`` simulates more types
-than the default 9 (more states than cells of a type per step). One thread per run (runs are meant to go
-side by side on this 2-core box).
+than the default 9 (more states than cells of a type per step). One thread per run (runs are
+meant to go side by side on this 2-core box).
 """
 
 from __future__ import annotations

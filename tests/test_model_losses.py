@@ -262,7 +262,8 @@ def test_usage_diagnostics_perplexity_and_mean_resultant():
 
 
 def test_collapse_message_names_the_resultant_and_the_prototypes_used():
-    """A collapsed embedding (one shared direction) is flagged with its numbers; a spread one is not."""
+    """A collapsed embedding (one shared direction) is flagged with its numbers; a spread one
+    is not."""
     from scproto_scale.train.loop import cell_prototype_usage, collapse_message
 
     gen = torch.Generator().manual_seed(0)

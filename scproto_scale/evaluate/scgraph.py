@@ -176,11 +176,12 @@ def scgraph(
     results = {}
     for key, emb in embeddings.items():
         dist = _embedding_distances(emb, codes, len(kept), trim)
-        results[key] = _correlations(dist, reference)
+        columns = _correlation_columns(dist, reference)
+        results[key] = {name: _nanmean(values) for name, values in columns.items()}
         if per_type:
-            columns = _corr_weighted_columns(dist, reference)
             results[key]["corr_weighted_per_type"] = {
-                str(labels.categories[t]): float(v) for t, v in zip(kept, columns, strict=True)}
+                str(labels.categories[t]): float(v)
+                for t, v in zip(kept, columns["corr_weighted"], strict=True)}
     return results
 
 
@@ -403,19 +404,20 @@ def _rank_columns(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return rankdata(np.where(valid, x, np.nan), axis=0, nan_policy="omit")
 
 
-def _correlations(embedding: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """The three scGraph scores of one embedding.
+def _correlation_columns(embedding: np.ndarray, reference: np.ndarray) -> dict[str, np.ndarray]:
+    """The three scGraph scores of one embedding, per reference cell type.
 
     Column ``j`` (a reference cell type) is compared over the rows where both matrices are
-    defined; each score is the NaN-skipping mean over columns.
+    defined; each score is the NaN-skipping mean of its ``(k,)`` columns (:func:`_nanmean`).
 
     Args:
         embedding: ``(k, k)`` column-normalised embedding centroid distances.
         reference: ``(k, k)`` consensus distances (same type order).
 
     Returns:
-        ``{"rank": mean Spearman, "corr": mean Pearson, "corr_weighted": mean Pearson weighted
-        by 1 / reference distance (weight 0 at distance 0)}``.
+        ``{"rank": Spearman, "corr": Pearson, "corr_weighted": Pearson weighted by 1 /
+        reference distance (weight 0 at distance 0)}``, each ``(k,)`` float64, NaN for a column
+        without enough defined rows.
     """
     valid = ~np.isnan(embedding) & ~np.isnan(reference)
     ones = valid.astype(np.float64)
@@ -423,19 +425,10 @@ def _correlations(embedding: np.ndarray, reference: np.ndarray) -> dict[str, flo
         _rank_columns(embedding, valid), _rank_columns(reference, valid), ones
     )
     corr = _weighted_pearson_columns(embedding, reference, ones)
-    corr_weighted = _corr_weighted_columns(embedding, reference)
-    return {
-        name: _nanmean(values)
-        for name, values in zip(SCORE_NAMES, (rank, corr, corr_weighted), strict=True)
-    }
-
-
-def _corr_weighted_columns(embedding: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """``(k,)`` per-column Pearson weighted by 1 / reference distance (0 at distance 0)."""
-    valid = ~np.isnan(embedding) & ~np.isnan(reference)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(valid & (reference != 0), 1.0 / reference, 0.0)
-    return _weighted_pearson_columns(embedding, reference, inv)
+    corr_weighted = _weighted_pearson_columns(embedding, reference, inv)
+    return dict(zip(SCORE_NAMES, (rank, corr, corr_weighted), strict=True))
 
 
 def _nanmean(values: np.ndarray) -> float:
