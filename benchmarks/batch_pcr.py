@@ -21,7 +21,8 @@ PCR comparison it would score.
     python benchmarks/batch_pcr.py [--datasets kang8,pbmc_multi]
     python benchmarks/batch_pcr.py --datasets "kang8~neighbours_per_study"  # a sweep's runs
 
-writes ``benchmarks/results/batch_pcr.json``: ``{dataset: {method: {metric: {mean, sd}}}}``.
+writes ``benchmarks/results/batch_pcr.json``: ``{dataset: {method: {metric: {mean, sd, n,
+values}}}}`` (:func:`quality.aggregate` over the cached seeds).
 """
 
 from __future__ import annotations
