@@ -97,6 +97,12 @@ class PrototypeAtlas:
         Returns:
             ``(n, d)`` float32 unit embeddings and ``(n,)`` float32 ``‖mu‖``.
         """
+        mu, _ = self._posterior(counts, library, condition)
+        return F.normalize(mu, dim=1).numpy(), mu.norm(dim=1).numpy()
+
+    def _posterior(self, counts: sp.csr_matrix, library: np.ndarray, condition: np.ndarray
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n, d)`` mean and variance of q(z | x, s) (arguments as :meth:`embed_counts`)."""
         cvae = self.model.cvae
         x = torch.from_numpy(np.asarray(counts.toarray(), dtype=np.float32))
         lib = torch.from_numpy(np.asarray(library, dtype=np.float32))
@@ -108,8 +114,34 @@ class PrototypeAtlas:
         unseen = cond < 0
         if unseen.any():
             emb[unseen] = cvae.mean_condition_embedding()
-        mu, _ = cvae.encode(log_normalize_torch(x, lib), emb)
-        return F.normalize(mu, dim=1).numpy(), mu.norm(dim=1).numpy()
+        return cvae.encode(log_normalize_torch(x, lib), emb)
+
+    @torch.no_grad()
+    def sample_prototypes(self, store: CellStore, batch_key: str, seed: int = 0,
+                          chunk_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest prototype of one posterior sample per cell, as training's SwAV sees it.
+
+        Training scores ``normalize(z)``, z ~ q(z | x, s) (method.md §3); the atlas assigns
+        ``normalize(mu)`` (§7). When the posterior's spread is wide against the prototypes'
+        spacing, the bank is laid out over the samples and the means fall on few prototypes:
+        comparing the two says how much of the bank the means can reach.
+
+        Returns:
+            ``(n,)`` int64 nearest prototype of a sample and ``(n,)`` float32 cosine
+            ``cos(normalize(z), normalize(mu))`` per cell.
+
+        Raises:
+            ScprotoInputError: as :meth:`embed_store`.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        protos = torch.from_numpy(self.prototypes)
+        nearest, agree = [], []
+        for X, lib, codes in self._chunks(store, batch_key, chunk_size):
+            mu, var = self._posterior(X, lib, codes)
+            z = F.normalize(mu + var.sqrt() * torch.randn(mu.shape, generator=gen), dim=1)
+            nearest.append((z @ protos.t()).argmax(dim=1).numpy())
+            agree.append((z * F.normalize(mu, dim=1)).sum(dim=1).numpy())
+        return np.concatenate(nearest), np.concatenate(agree)
 
     def assign(self, X_scproto: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest prototype (argmax cosine) and the cosine as confidence, for ``(n, d)`` unit rows."""
