@@ -181,7 +181,7 @@ def main() -> None:
             history = []
         else:
             res = run_worker(TrainJob(str(store.path), str(prep.path), model_cfg, train_cfg,
-                                      str(ckpt), seed=args.seed))
+                                      str(ckpt), seed=args.seed, resume=args.reuse_checkpoints))
             atlas = PrototypeAtlas(res.model, prep.genes, prep.studies, {})
             emb = atlas.embed_store(store, "study")
             x_unit, nearest, cell_types, history = emb.X_scproto, emb.prototype, labels, res.history
