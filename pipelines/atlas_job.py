@@ -217,6 +217,10 @@ def _run(cfg: RunConfig, out: Path, resume: bool, console: Console, launcher: st
     stage("export", t)
     usage = cell_prototype_usage(cells_ad.obs["scproto_prototype"].to_numpy(),
                                  cells_ad.obsm["X_scproto"], len(atlas.prototypes))
+    # training lays the bank out over posterior samples, not means (README, "Known limitation:
+    # prototype usage"): how much of it one sample per cell reaches
+    usage["used_by_posterior_samples"] = len(np.unique(
+        atlas.sample_prototypes(store, cfg.data.batch_key, seed=cfg.seed)[0]))
     collapsed = collapse_message(usage, len(atlas.prototypes))
     if collapsed:
         warnings.warn(collapsed, stacklevel=2)

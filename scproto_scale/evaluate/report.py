@@ -33,7 +33,11 @@ def write_markdown(report: dict, path: Path) -> None:
     use = report.get("prototype_usage")
     if use:
         lines += [f"Prototypes used by the cells: {use['used']} (perplexity {use['perplexity']}); "
-                  f"mean resultant length of the unit embeddings {use['mean_resultant']}.", ""]
+                  f"mean resultant length of the unit embeddings {use['mean_resultant']}."]
+        if "used_by_posterior_samples" in use:
+            lines += [f"Prototypes nearest to one posterior sample per cell (what training "
+                      f"scores): {use['used_by_posterior_samples']}."]
+        lines += [""]
     if methods:
         metrics = HEADLINE + sorted({m for v in methods.values() for m in v} - set(HEADLINE))
         lines += ["| metric | " + " | ".join(methods) + " |",
