@@ -183,12 +183,12 @@ def main() -> None:
             res = run_worker(TrainJob(str(store.path), str(prep.path), model_cfg, train_cfg,
                                       str(ckpt), seed=args.seed, resume=args.reuse_checkpoints))
             atlas = PrototypeAtlas(res.model, prep.genes, prep.studies, {})
-            emb = atlas.embed_store(store, "study")
+            emb = atlas.embed_store(store, "study", sample_seed=args.seed)
             x_unit, nearest, cell_types, history = emb.X_scproto, emb.prototype, labels, res.history
-            z_nearest, z_cos = atlas.sample_prototypes(store, "study", seed=args.seed)
-            sample = {"sample_used": len(np.unique(z_nearest)),
-                      "sample_matches_mu": round(float((z_nearest == nearest).mean()), 3),
-                      "sample_mu_cosine_median": round(float(np.median(z_cos)), 4)}
+            sample = {"sample_used": len(np.unique(emb.sample_prototype)),
+                      "sample_matches_mu": round(float((emb.sample_prototype == nearest).mean()),
+                                                 3),
+                      "sample_mu_cosine_median": round(float(np.median(emb.sample_cosine)), 4)}
         train_s = round(time.perf_counter() - t0, 1)
         use = cell_prototype_usage(nearest, x_unit, model_cfg.n_prototypes)
         # a type "has its own prototype" when it is the majority of some used prototype's cells

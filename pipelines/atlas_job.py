@@ -75,24 +75,27 @@ def _check_keys(cfg: RunConfig, store: CellStore, src) -> CellStore:
 
 
 def export_atlas(store: CellStore, prepared: Prepared, model, cfg: RunConfig, out: Path
-                 ) -> tuple[PrototypeAtlas, ad.AnnData, ad.AnnData]:
+                 ) -> tuple[PrototypeAtlas, ad.AnnData, ad.AnnData, Embedding]:
     """Embed every cell, build the metacells and write ``OUT/atlas`` and ``OUT/embeddings.h5ad``.
 
     Returns:
-        The atlas, the metacells ``(K, G)`` and the training cells' embeddings (obs + obsm).
+        The atlas, the metacells ``(K, G)``, the training cells' embeddings (obs + obsm) and
+        their :class:`Embedding` (with one posterior sample's nearest prototype per cell).
     """
     cells = np.asarray(prepared.cells)
     meta = {"median_library_size": prepared.meta["median_library_size"], "latent_norm": 1.0,
             "seed": cfg.seed, "batch_key": cfg.data.batch_key, "run_config": cfg.model_dump(),
             "gene_stable_ids": model_stable_ids(store.var, prepared.genes)}
     atlas = PrototypeAtlas(model, prepared.genes, prepared.studies, meta)
-    emb = atlas.embed_store(store, cfg.data.batch_key, chunk_size=cfg.prepare.chunk_size)
+    # one posterior sample per cell as well, for the report's prototype usage (same pass)
+    emb = atlas.embed_store(store, cfg.data.batch_key, chunk_size=cfg.prepare.chunk_size,
+                            sample_seed=cfg.seed)
     atlas.meta["latent_norm"] = float(np.mean(emb.mu_norm[cells]))
     study = np.asarray(prepared.studies)[np.asarray(prepared.study_codes)[cells]]
     labels = (store.obs_column(cfg.data.label_key).astype(str).to_numpy()[cells]
               if cfg.data.label_key else None)
     kept = Embedding(emb.X_scproto[cells], emb.mu_norm[cells], emb.prototype[cells],
-                     emb.confidence[cells])
+                     emb.confidence[cells], emb.sample_prototype[cells], emb.sample_cosine[cells])
     metacells = atlas.build_metacells(kept, study, labels)
     atlas.save(out / "atlas", metacells)
 
@@ -106,7 +109,7 @@ def export_atlas(store: CellStore, prepared: Prepared, model, cfg: RunConfig, ou
                                          "X_pca_unintegrated": np.asarray(prepared.pca)})
     cells_ad.obs["store_row"] = cells
     write_h5ad_atomic(cells_ad, out / "embeddings.h5ad")
-    return atlas, metacells, cells_ad
+    return atlas, metacells, cells_ad, kept
 
 
 def evaluate(store: CellStore, prepared: Prepared, atlas: PrototypeAtlas, cells_ad: ad.AnnData,
@@ -213,14 +216,12 @@ def _run(cfg: RunConfig, out: Path, resume: bool, console: Console, launcher: st
     if not main:
         return None
     t = time.perf_counter()
-    atlas, metacells, cells_ad = export_atlas(store, prepared, result.model, cfg, out)
+    atlas, metacells, cells_ad, kept = export_atlas(store, prepared, result.model, cfg, out)
     stage("export", t)
-    usage = cell_prototype_usage(cells_ad.obs["scproto_prototype"].to_numpy(),
-                                 cells_ad.obsm["X_scproto"], len(atlas.prototypes))
+    usage = cell_prototype_usage(kept.prototype, kept.X_scproto, len(atlas.prototypes))
     # training lays the bank out over posterior samples, not means (README, "Known limitation:
     # prototype usage"): how much of it one sample per cell reaches
-    usage["used_by_posterior_samples"] = len(np.unique(
-        atlas.sample_prototypes(store, cfg.data.batch_key, seed=cfg.seed)[0]))
+    usage["used_by_posterior_samples"] = len(np.unique(kept.sample_prototype))
     collapsed = collapse_message(usage, len(atlas.prototypes))
     if collapsed:
         warnings.warn(collapsed, stacklevel=2)

@@ -233,23 +233,26 @@ def test_atlas_stable_ids_need_one_valid_id_per_gene():
     assert model_stable_ids(var, ["G4", "G5"]) is None  # shared id would merge two genes
 
 
-def test_sample_prototypes_follow_the_posterior(ref_and_query, tmp_path):
+def test_embed_store_samples_the_posterior_in_the_same_pass(ref_and_query, tmp_path):
     d, atlas_dir, _ = ref_and_query
     atlas = PrototypeAtlas.load(atlas_dir)
     store = open_store(ingest(d / "ref.h5ad", tmp_path / "ref.zarr"))
-    mu_nearest = atlas.embed_store(store, "study").prototype
-    nearest, cos = atlas.sample_prototypes(store, "study", seed=3)
+    plain = atlas.embed_store(store, "study")
+    assert plain.sample_prototype is None and plain.sample_cosine is None
+    emb = atlas.embed_store(store, "study", sample_seed=3)
+    np.testing.assert_array_equal(emb.prototype, plain.prototype)  # the means are untouched
+    mu_nearest, nearest, cos = emb.prototype, emb.sample_prototype, emb.sample_cosine
     assert nearest.shape == cos.shape == (store.n_obs,)
     assert 0 <= nearest.min() and nearest.max() < atlas.prototypes.shape[0]
     assert np.all(cos <= 1 + 1e-6) and np.all(cos > -1)
-    again, _ = atlas.sample_prototypes(store, "study", seed=3)
-    other, _ = atlas.sample_prototypes(store, "study", seed=4)
+    again = atlas.embed_store(store, "study", sample_seed=3).sample_prototype
+    other = atlas.embed_store(store, "study", sample_seed=4).sample_prototype
     np.testing.assert_array_equal(nearest, again)
     assert (nearest != other).any()  # a fresh sample of a wide posterior moves some cells
     # a near-zero posterior variance (σ ≈ 0.01): every sample sits on its mean
     with torch.no_grad():
         atlas.model.cvae.logvar.weight.zero_()
         atlas.model.cvae.logvar.bias.fill_(-30.0)
-    tight, tight_cos = atlas.sample_prototypes(store, "study", seed=3)
-    assert np.median(tight_cos) > 0.99 > np.median(cos)
-    assert (tight == mu_nearest).mean() > 0.95 > (nearest == mu_nearest).mean()
+    tight = atlas.embed_store(store, "study", sample_seed=3)
+    assert np.median(tight.sample_cosine) > 0.99 > np.median(cos)
+    assert (tight.sample_prototype == mu_nearest).mean() > 0.95 > (nearest == mu_nearest).mean()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from pipelines.atlas_job import run
 from scproto_scale.atlas.atlas import PrototypeAtlas
 from scproto_scale.cli import app
-from scproto_scale.config import load_config
+from scproto_scale.config import PrepareConfig, load_config
 from scproto_scale.data.store import open_store
 from scproto_scale.errors import ScprotoInputError
 from scproto_scale.train.checkpoint import load_checkpoint
@@ -58,8 +58,9 @@ def test_report_has_the_required_fields(zarr_run):
     cells = ad.read_h5ad(out / "embeddings.h5ad")
     use = on_disk["prototype_usage"]
     assert use["used"] == cells.obs["scproto_prototype"].astype(int).nunique()
-    sampled, _ = PrototypeAtlas.load(out / "atlas").sample_prototypes(
-        open_store(out / "store.zarr"), "study", seed=0)
+    sampled = PrototypeAtlas.load(out / "atlas").embed_store(
+        open_store(out / "store.zarr"), "study", chunk_size=PrepareConfig().chunk_size, sample_seed=0
+    ).sample_prototype[cells.obs["store_row"].to_numpy()]
     assert use["used_by_posterior_samples"] == len(np.unique(sampled))
     assert 0 <= use["mean_resultant"] <= 1
     assert isinstance(on_disk["warnings"], list)

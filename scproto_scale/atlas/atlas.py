@@ -46,12 +46,18 @@ class Embedding:
         mu_norm: ``(n,)`` float32 ``‖mu‖`` (used to rescale prototypes for decoding).
         prototype: ``(n,)`` int64 nearest prototype (argmax cosine).
         confidence: ``(n,)`` float32 cosine similarity to it.
+        sample_prototype: ``(n,)`` int64 nearest prototype of one posterior sample per cell,
+            or None (``embed_store(..., sample_seed=None)``).
+        sample_cosine: ``(n,)`` float32 ``cos(normalize(z), normalize(mu))`` of that sample,
+            or None.
     """
 
     X_scproto: np.ndarray
     mu_norm: np.ndarray
     prototype: np.ndarray
     confidence: np.ndarray
+    sample_prototype: np.ndarray | None = None
+    sample_cosine: np.ndarray | None = None
 
 
 class PrototypeAtlas:
@@ -116,33 +122,6 @@ class PrototypeAtlas:
             emb[unseen] = cvae.mean_condition_embedding()
         return cvae.encode(log_normalize_torch(x, lib), emb)
 
-    @torch.no_grad()
-    def sample_prototypes(self, store: CellStore, batch_key: str, seed: int = 0,
-                          chunk_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest prototype of one posterior sample per cell, as training's SwAV sees it.
-
-        Training scores ``normalize(z)``, z ~ q(z | x, s) (method.md §3); the atlas assigns
-        ``normalize(mu)`` (§7). When the posterior's spread is wide against the prototypes'
-        spacing, the bank is laid out over the samples and the means fall on few prototypes:
-        comparing the two says how much of the bank the means can reach.
-
-        Returns:
-            ``(n,)`` int64 nearest prototype of a sample and ``(n,)`` float32 cosine
-            ``cos(normalize(z), normalize(mu))`` per cell.
-
-        Raises:
-            ScprotoInputError: as :meth:`embed_store`.
-        """
-        gen = torch.Generator().manual_seed(seed)
-        protos = torch.from_numpy(self.prototypes)
-        nearest, agree = [], []
-        for X, lib, codes in self._chunks(store, batch_key, chunk_size):
-            mu, var = self._posterior(X, lib, codes)
-            z = F.normalize(mu + var.sqrt() * torch.randn(mu.shape, generator=gen), dim=1)
-            nearest.append((z @ protos.t()).argmax(dim=1).numpy())
-            agree.append((z * F.normalize(mu, dim=1)).sum(dim=1).numpy())
-        return np.concatenate(nearest), np.concatenate(agree)
-
     def assign(self, X_scproto: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest prototype (argmax cosine) and the cosine as confidence, for ``(n, d)`` unit rows."""
         sims = X_scproto @ self.prototypes.T
@@ -168,20 +147,40 @@ class PrototypeAtlas:
         for start, stop, X in store.iter_chunks(chunk_size):
             yield (X @ select).tocsr(), np.asarray(X.sum(axis=1)).ravel(), codes[start:stop]
 
-    def embed_store(self, store: CellStore, batch_key: str, chunk_size: int = 8192) -> Embedding:
+    @torch.no_grad()
+    def embed_store(self, store: CellStore, batch_key: str, chunk_size: int = 8192,
+                    sample_seed: int | None = None) -> Embedding:
         """Stream every cell of a store through the frozen encoder (memory: one chunk + outputs).
+
+        With ``sample_seed``, the same pass also draws one posterior sample z ~ q(z | x, s) per
+        cell and records its nearest prototype and its cosine to the mean
+        (:attr:`Embedding.sample_prototype`): training's SwAV scores ``normalize(z)`` (method.md
+        §3), the atlas assigns ``normalize(mu)`` (§7). When the posterior's spread is wide
+        against the prototypes' spacing, the bank is laid out over the samples and the means
+        fall on few prototypes; comparing the two says how much of the bank the means reach.
+        The draws depend on ``sample_seed`` and ``chunk_size``.
 
         Raises:
             ScprotoInputError: unknown batch key, or too few of the atlas genes in the store.
         """
-        embs, norms = [], []
+        gen = torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None
+        protos = torch.from_numpy(self.prototypes)
+        embs, norms, sampled, cosines = [], [], [], []
         for X, lib, codes in self._chunks(store, batch_key, chunk_size):
-            e, n = self.embed_counts(X, lib, codes)
-            embs.append(e)
-            norms.append(n)
+            mu, var = self._posterior(X, lib, codes)
+            mu_unit = F.normalize(mu, dim=1)
+            embs.append(mu_unit.numpy())
+            norms.append(mu.norm(dim=1).numpy())
+            if gen is not None:
+                z = F.normalize(mu + var.sqrt() * torch.randn(mu.shape, generator=gen), dim=1)
+                sampled.append((z @ protos.t()).argmax(dim=1).numpy())
+                cosines.append((z * mu_unit).sum(dim=1).numpy())
         X_scproto = np.concatenate(embs)
         proto, conf = self.assign(X_scproto)
-        return Embedding(X_scproto, np.concatenate(norms), proto, conf)
+        if gen is None:
+            return Embedding(X_scproto, np.concatenate(norms), proto, conf)
+        return Embedding(X_scproto, np.concatenate(norms), proto, conf,
+                         np.concatenate(sampled), np.concatenate(cosines))
 
     def embed_adata(self, adata: ad.AnnData, batch_key: str, chunk_size: int = 8192) -> ad.AnnData:
         """Embed an in-memory AnnData (X = counts); writes ``obsm["X_scproto"]``,
